@@ -1,0 +1,38 @@
+r"""The one model contract that every density model in freeflows follows.
+
+Every model is a :class:`torch.nn.Module` with three methods:
+
+* ``log_prob(x, c=None) -> Tensor[B]``: the exact log-density (nats) of each row of ``x``;
+* ``sample(n, c=None) -> Tensor[n, *event]``: draws from the model;
+* ``loss(x, c=None) -> Loss``: the training objective of a batch.
+
+Direction convention, stated once for the whole library: **forward maps data to latent**
+(:math:`z = f(x)`), and **inverse maps latent to data** (:math:`x = f^{-1}(z)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass
+class Loss:
+    """A training objective: ``value`` is the scalar to minimise, ``parts`` are detached scalars
+    to log (for example ``nll`` and ``reconstruction``)."""
+
+    value: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DensityModel(Protocol):
+    """Structural type of every freeflows model."""
+
+    def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor: ...
+
+    def sample(self, n: int, c: Tensor | None = None) -> Tensor: ...
+
+    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss: ...

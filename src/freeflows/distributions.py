@@ -1,0 +1,128 @@
+r"""Latent distributions.
+
+Each latent is an :class:`torch.nn.Module` (so it follows ``.to(device, dtype)``) with
+
+* ``event_shape``: the shape of one draw;
+* ``log_prob(z) -> Tensor[B]`` and ``sample(n) -> Tensor[n, *event_shape]``;
+* ``basis``: ``None`` when the support is all of :math:`\mathbb{R}^D`, or an orthonormal
+  matrix :math:`Q \in \mathbb{R}^{D \times m}` whose columns span the support when it is an
+  ``m``-dimensional linear subspace. Log-determinants of maps between such subspaces are then
+  taken of :math:`Q^\top J Q`, and Hutchinson vectors are drawn inside the subspace.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .checks import numel
+
+LOG_TWO_PI = math.log(2 * math.pi)
+
+
+class StandardNormal(nn.Module):
+    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on an event of shape ``shape``.
+
+    .. math:: \log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi
+    """
+
+    basis: Tensor | None = None
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        if not shape or any(int(s) < 1 for s in shape):
+            raise ValueError(f"StandardNormal needs a positive event shape, got {shape}")
+        self.event_shape = tuple(int(s) for s in shape)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        """Degrees of freedom of the support."""
+        return numel(self.event_shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        sq = z.reshape(z.shape[0], -1).square().sum(dim=1)
+        return -0.5 * sq - 0.5 * self.dim * LOG_TWO_PI
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(
+            (n, *self.event_shape),
+            generator=generator,
+            device=self._anchor.device,
+            dtype=self._anchor.dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}"
+
+
+def mean_free_basis(n_particles: int, n_dims: int) -> Tensor:
+    r"""Orthonormal basis :math:`Q \in \mathbb{R}^{Nd \times (N-1)d}` of zero-centre-of-mass
+    configurations, flattened particle-major (``x1, y1, x2, y2, ...``).
+
+    Per coordinate axis, the Helmert vectors :math:`h_k = (1, \dots, 1, -k, 0, \dots) /
+    \sqrt{k(k+1)}` (``k`` ones) are orthonormal and orthogonal to :math:`\mathbf 1`;
+    :math:`Q = H \otimes I_d`.
+    """
+    n = n_particles
+    h = torch.zeros(n, n - 1, dtype=torch.float64)
+    for k in range(1, n):
+        h[:k, k - 1] = 1.0
+        h[k, k - 1] = -float(k)
+        h[:, k - 1] /= math.sqrt(k * (k + 1))
+    return torch.kron(h, torch.eye(n_dims, dtype=torch.float64))
+
+
+class MeanFreeNormal(nn.Module):
+    r"""Standard normal on configurations of ``n_particles`` points in ``n_dims`` dimensions whose
+    centre of mass is zero.
+
+    The support is the :math:`m = (N-1)d`-dimensional subspace :math:`\{x : \sum_i x_i = 0\}`.
+    In orthonormal coordinates :math:`y = Q^\top x` of that subspace the density is
+    :math:`\mathcal N(0, I_m)`, hence for :math:`x` in the subspace (where
+    :math:`\lVert Q^\top x \rVert = \lVert x \rVert`)
+
+    .. math:: \log p(x) = -\tfrac12 \lVert x \rVert^2 - \tfrac{(N-1)d}{2} \log 2\pi .
+
+    This is the density with respect to the Lebesgue measure of the subspace, the convention that
+    equivariant-flow papers report. ``log_prob`` first removes any centre-of-mass component of its
+    input (it measures the projected point); events are flattened to ``[N * d]``.
+    """
+
+    def __init__(self, n_particles: int, n_dims: int):
+        super().__init__()
+        if n_particles < 2 or n_dims < 1:
+            raise ValueError(
+                f"MeanFreeNormal needs n_particles >= 2 and n_dims >= 1, got {n_particles}, {n_dims}"
+            )
+        self.n_particles = int(n_particles)
+        self.n_dims = int(n_dims)
+        self.event_shape = (self.n_particles * self.n_dims,)
+        self.register_buffer("basis", mean_free_basis(n_particles, n_dims).float(), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        """Degrees of freedom of the support, :math:`(N-1)d`."""
+        return (self.n_particles - 1) * self.n_dims
+
+    def center(self, x: Tensor) -> Tensor:
+        """Subtract each configuration's centre of mass."""
+        p = x.reshape(x.shape[0], self.n_particles, self.n_dims)
+        return (p - p.mean(dim=1, keepdim=True)).reshape(x.shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        sq = self.center(z).reshape(z.shape[0], -1).square().sum(dim=1)
+        return -0.5 * sq - 0.5 * self.dim * LOG_TWO_PI
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(
+            (n, *self.event_shape), generator=generator, device=self.basis.device, dtype=self.basis.dtype
+        )
+        return self.center(eps)
+
+    def extra_repr(self) -> str:
+        return f"n_particles={self.n_particles}, n_dims={self.n_dims}"

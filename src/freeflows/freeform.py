@@ -1,0 +1,203 @@
+r"""Free-form flows: any dimension-preserving encoder/decoder pair as a normalizing flow.
+
+Given an encoder :math:`f`, a decoder :math:`g \approx f^{-1}`, a latent :math:`p_Z` and
+:math:`\beta \ge 0`, a free-form flow models
+
+.. math:: \log q(x) = \log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert .
+
+**The surrogate.** The gradient of the log-determinant is
+:math:`\partial_\theta \log\lvert\det J_f\rvert = \operatorname{tr}(J_f^{-1}\,\partial_\theta J_f)`.
+Replace :math:`J_f^{-1}` by :math:`J_g(z)`, :math:`z = f(x)`, which equals it when :math:`g` inverts
+:math:`f`, and estimate the trace with a probe :math:`v`, :math:`\mathbb E[vv^\top] = I`:
+
+.. math:: \mathcal S(x) = v^\top J_f(x)\; \mathrm{sg}\!\left(J_g(z)\, v\right),
+   \qquad \partial_\theta \mathbb E_v[\mathcal S]
+   = \operatorname{tr}\!\left(\partial_\theta J_f\; J_g\right)
+   = \partial_\theta \log\lvert\det J_f\rvert \quad \text{if } J_g = J_f^{-1},
+
+where sg stops gradients. :math:`J_g v` is **one forward-mode product** through the decoder (the
+same decoder pass also gives the reconstruction :math:`g(z)`), and :math:`v^\top J_f` is **one
+reverse-mode product** through the encoder whose graph is kept, so :math:`\mathcal S` can be
+backpropagated into :math:`f`. The value of :math:`\mathcal S` is *not* a log-determinant and is
+never reported as a likelihood. When :math:`J_g \neq J_f^{-1}` the gradient is biased by
+:math:`\operatorname{tr}(\partial_\theta J_f\,(J_g - J_f^{-1}))`, which the reconstruction term
+keeps small.
+
+**The loss** per sample, minimised in expectation over the data:
+
+.. math:: \mathcal L(x) = -\log p_Z(f(x)) - \mathcal S(x) + \beta \lVert x - g(f(x)) \rVert^2 .
+
+The decoder learns only through the reconstruction term.
+
+**The density** reported by :meth:`FreeFormFlow.log_prob` is exact for the model
+:math:`x = g(z)`: :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert`, with the full
+Jacobian. The encoder-based value :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert` is also
+available; the gap between the two shows how well :math:`g` inverts :math:`f`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from .checks import check_condition, check_data, numel
+from .conditioning import accepts_condition, call_with_condition
+from .contract import Loss
+from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
+from .jacobian import JacobianMode, log_abs_det_jacobian
+
+#: Upper bound on Jacobian elements held at once by ``log_prob`` (``chunk * D * D``).
+JACOBIAN_ELEMENTS = 2**24
+
+
+class FreeFormFlow(nn.Module):
+    r"""A normalizing flow from an encoder ``f`` and a decoder ``g`` of any architecture.
+
+    Args:
+        encoder: network ``[B, *event] -> [B, *event]`` (data to latent).
+        decoder: network ``[B, *event] -> [B, *event]`` (latent to data).
+        latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and ``basis``.
+        beta: weight :math:`\beta \ge 0` of the reconstruction loss.
+        hutchinson: distribution of the probe vectors, ``"gaussian"``, ``"rademacher"`` or
+            ``"sphere"`` (see :mod:`freeflows.hutchinson`).
+        hutchinson_samples: probes per sample ``K``; the surrogate is their average.
+        condition_dim: number of condition features, or ``None`` for an unconditional flow.
+            Conditions go to both networks (see :mod:`freeflows.conditioning`).
+        jacobian_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` products for ``log_prob``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent: nn.Module,
+        beta: float = 10.0,
+        hutchinson: HutchinsonMode = "gaussian",
+        hutchinson_samples: int = 1,
+        condition_dim: int | None = None,
+        jacobian_mode: JacobianMode = "auto",
+    ):
+        super().__init__()
+        if not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        if condition_dim is not None and (not isinstance(condition_dim, int) or condition_dim < 1):
+            raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
+        if jacobian_mode not in ("auto", "forward", "reverse"):
+            raise ValueError(f"unknown jacobian_mode {jacobian_mode!r}; choose auto, forward or reverse")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent = latent
+        self.event_shape: tuple[int, ...] = tuple(latent.event_shape)
+        self.dim = int(getattr(latent, "dim", numel(self.event_shape)))
+        check_hutchinson(hutchinson, hutchinson_samples, self.dim)
+        self.beta = float(beta)
+        self.hutchinson: HutchinsonMode = hutchinson
+        self.hutchinson_samples = hutchinson_samples
+        self.condition_dim = condition_dim
+        self.jacobian_mode: JacobianMode = jacobian_mode
+        self._encoder_takes_c = accepts_condition(encoder)
+        self._decoder_takes_c = accepts_condition(decoder)
+
+    # -- the two networks ---------------------------------------------------------------------
+    def encode(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """:math:`z = f(x)` (data to latent)."""
+        z = call_with_condition(self.encoder, x, c, self._encoder_takes_c)
+        if z.shape != x.shape:
+            raise ValueError(f"the encoder maps {tuple(x.shape)} to {tuple(z.shape)}; it must keep the shape")
+        return z
+
+    def decode(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        """:math:`x = g(z)` (latent to data)."""
+        x = call_with_condition(self.decoder, z, c, self._decoder_takes_c)
+        if x.shape != z.shape:
+            raise ValueError(f"the decoder maps {tuple(z.shape)} to {tuple(x.shape)}; it must keep the shape")
+        return x
+
+    def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
+        check_data(x, self.event_shape)
+        return check_condition(c, self.condition_dim, x.shape[0])
+
+    # -- the model contract -------------------------------------------------------------------
+    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
+        """The free-form objective of a batch (see the module docstring).
+
+        ``Loss.parts``: ``nll`` is :math:`-\\log p_Z(f(x))`, the latent term only (the surrogate is
+        not a log-determinant); ``reconstruction`` is :math:`\\lVert x - g(f(x))\\rVert^2`; both
+        are batch means, detached.
+        """
+        c = self._inputs(x, c)
+        x = x.detach().requires_grad_(True)
+        batch, k = x.shape[0], self.hutchinson_samples
+        z = self.encode(x, c)
+        v = hutchinson_vectors(
+            k, batch, self.dim, self.hutchinson, basis=getattr(self.latent, "basis", None),
+            device=x.device, dtype=x.dtype,
+        ).reshape(k, *x.shape)
+
+        # One decoder pass gives g(z) (graph kept, for the reconstruction) and J_g(z) v (tangent).
+        z_in = z if k == 1 else z.repeat(k, *([1] * (z.dim() - 1)))
+        c_in = c if (c is None or k == 1) else c.repeat(k, 1)
+        with fwAD.dual_level():
+            out = self.decode(fwAD.make_dual(z_in, v.reshape(k * batch, *x.shape[1:])), c_in)
+            x_hat, jgv = fwAD.unpack_dual(out)
+        x_hat = x_hat[:batch]
+        jgv = jgv.detach().reshape(k, *x.shape)
+
+        surrogate = torch.zeros(batch, device=x.device, dtype=x.dtype)
+        for i in range(k):
+            (vjf,) = torch.autograd.grad(z, x, v[i], create_graph=True)
+            surrogate = surrogate + (vjf * jgv[i]).reshape(batch, -1).sum(dim=1)
+        surrogate = surrogate / k
+
+        nll = -self.latent.log_prob(z)
+        reconstruction = (x - x_hat).reshape(batch, -1).square().sum(dim=1)
+        value = (nll - surrogate + self.beta * reconstruction).mean()
+        return Loss(value, {"nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()})
+
+    def log_prob(
+        self,
+        x: Tensor,
+        c: Tensor | None = None,
+        *,
+        variant: Literal["decoder", "encoder"] = "decoder",
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        r"""Exact log-density ``[B]``.
+
+        ``variant="decoder"`` (default): :math:`\log p_Z(z) - \log\lvert\det J_g(z)\rvert`, the
+        density of samples :math:`g(z)`, :math:`z \sim p_Z`, evaluated at :math:`z = f(x)`.
+        ``variant="encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`.
+
+        Jacobians are built with ``torch.func`` in chunks of ``chunk_size`` rows (by default as
+        many as keep ``chunk * D * D`` below ``2**24``); the result does not depend on it.
+        """
+        c = self._inputs(x, c)
+        if variant not in ("decoder", "encoder"):
+            raise ValueError(f"unknown log_prob variant {variant!r}; choose 'decoder' or 'encoder'")
+        if chunk_size is None:
+            chunk_size = max(1, JACOBIAN_ELEMENTS // numel(self.event_shape) ** 2)
+        basis = getattr(self.latent, "basis", None)
+        z = self.encode(x, c)
+        if variant == "decoder":
+            log_det = -log_abs_det_jacobian(
+                self.decode, z, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk_size
+            )
+        else:
+            log_det = log_abs_det_jacobian(
+                self.encode, x, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk_size
+            )
+        return self.latent.log_prob(z) + log_det
+
+    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass). With ``c`` of shape
+        ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        c = check_condition(c, self.condition_dim, n)
+        z = self.latent.sample(n, generator=generator)
+        if c is not None:
+            z = z.to(c)
+        return self.decode(z, c)

@@ -1,0 +1,76 @@
+r"""A residual MLP that starts as the identity.
+
+.. math:: h_{k+1} = h_k + r_k([h_k, c]), \qquad r_k = L_{\text{out}} \circ \sigma \circ L \circ
+   \dots \circ \sigma \circ L_{\text{in}}
+
+with :math:`\sigma` = SiLU (smooth, because free-form encoders are differentiated twice). The last
+linear layer of every residual branch is initialised to zero, so at initialisation every
+:math:`r_k \equiv 0` and the network is exactly the identity. Its gradient is not zero, so it
+trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ResidualBlock(nn.Module):
+    """One residual block :math:`h + r([h, c])` whose branch starts at zero."""
+
+    def __init__(self, features: int, hidden: int, depth: int, condition_features: int = 0):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        layers: list[nn.Module] = [nn.Linear(features + condition_features, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        out = nn.Linear(hidden, features)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        layers.append(out)
+        self.branch = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
+        inp = h if c is None else torch.cat([h, c], dim=-1)
+        return h + self.branch(inp)
+
+
+class ResNet(nn.Module):
+    """Residual MLP ``features -> features`` with ``blocks`` residual blocks, each a branch of
+    ``depth`` hidden layers of width ``hidden``. With ``condition_features > 0`` it takes a
+    condition ``c`` of that many features, fed to every block.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int = 128,
+        depth: int = 2,
+        blocks: int = 2,
+        condition_features: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("features", features), ("hidden", hidden), ("blocks", blocks)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if condition_features < 0:
+            raise ValueError(f"condition_features must be >= 0, got {condition_features}")
+        self.features = features
+        self.condition_features = condition_features
+        self.blocks = nn.ModuleList(
+            ResidualBlock(features, hidden, depth, condition_features) for _ in range(blocks)
+        )
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        if (c is None) != (self.condition_features == 0):
+            raise ValueError(
+                "ResNet built with condition_features="
+                f"{self.condition_features} but c is {'missing' if c is None else 'given'}"
+            )
+        h = x.reshape(x.shape[0], -1)
+        if h.shape[1] != self.features:
+            raise ValueError(f"ResNet expects {self.features} features, got {h.shape[1]}")
+        for block in self.blocks:
+            h = block(h, c)
+        return h.reshape(x.shape)
