@@ -31,9 +31,7 @@ def check_data(x: Tensor, event_shape: tuple[int, ...], name: str = "x") -> None
         )
 
 
-def check_condition(
-    c: Tensor | None, condition_dim: int | None, batch: int | None
-) -> Tensor | None:
+def check_condition(c: Tensor | None, condition_dim: int | None, batch: int | None) -> Tensor | None:
     """Check a condition against the model's ``condition_dim`` and return it as ``[B, C]``.
 
     Shape rules, written once for the whole library:

@@ -133,8 +133,13 @@ class FreeFormFlow(nn.Module):
         batch, k = x.shape[0], self.hutchinson_samples
         z = self.encode(x, c)
         v = hutchinson_vectors(
-            k, batch, self.dim, self.hutchinson, basis=getattr(self.latent, "basis", None),
-            device=x.device, dtype=x.dtype,
+            k,
+            batch,
+            self.dim,
+            self.hutchinson,
+            basis=getattr(self.latent, "basis", None),
+            device=x.device,
+            dtype=x.dtype,
         ).reshape(k, *x.shape)
 
         # One decoder pass gives g(z) (graph kept, for the reconstruction) and J_g(z) v (tangent).
