@@ -1,0 +1,538 @@
+r"""Continuous normalizing flows (FFJORD), with RNODE regularisers and augmented dimensions.
+
+**Dynamics and signs.** A velocity field :math:`f(t, x, c)` defines trajectories
+:math:`\dot x = f(t, x, c)`. Following the library's direction convention, *forward* carries the
+data :math:`x = x(0)` to the latent :math:`z = x(t_1)`. Along a trajectory the density obeys the
+instantaneous change of variables
+
+.. math:: \frac{d}{dt} \log p_t(x(t)) = -\operatorname{tr} \frac{\partial f}{\partial x}(t, x(t)),
+
+so with :math:`\ell(t) = \int_0^t \operatorname{tr} \partial_x f(s, x(s))\, ds` integrated
+alongside :math:`x` from :math:`\ell(0) = 0`,
+
+.. math:: \log p(x) = \log p_Z(z) + \ell(t_1).
+
+(A field that expands volume, :math:`\operatorname{tr}\partial_x f > 0`, maps a region of data to
+a larger region of latent, so the data density is *higher* than the latent density there.)
+Sampling integrates :math:`\dot x = f` backwards from :math:`t_1` to :math:`0`, from
+:math:`z \sim p_Z`. All solves use ``torchdiffeq`` (``odeint``, or ``odeint_adjoint`` with
+``adjoint=True``), so values are exact up to the solver tolerances ``rtol`` and ``atol``.
+
+**Trace.** ``"exact"``: the per-row Jacobian :math:`J = \partial_x f \in \mathbb R^{D\times D}` with
+``torch.func`` (``vmap`` of ``jacrev``, :math:`D` reverse products per evaluation, batched), for
+small :math:`D`. ``"hutchinson"``: a probe :math:`v` with :math:`\mathbb E[vv^\top] = I` is drawn
+**once per solve** and held fixed in time (as in FFJORD), and :math:`v^\top J v` is computed from
+one vector-Jacobian product :math:`e = v^\top J`. Then :math:`\int v^\top J v\,dt` is an unbiased
+estimate of :math:`\ell(t_1)`. :meth:`CNF.log_prob` uses the exact trace by default, whatever the
+training trace is; :meth:`CNF.loss` uses the configured one.
+
+**Latents on a subspace.** If ``latent.basis`` is an orthonormal :math:`Q \in \mathbb R^{D\times m}`
+(e.g. :class:`~freeflows.distributions.MeanFreeNormal`), the field must keep trajectories in that
+subspace (e.g. an equivariant, mean-free velocity), and the density is the one with respect to the
+subspace's Lebesgue measure: the trace is :math:`\operatorname{tr}(Q^\top J Q) = \operatorname{tr}(J
+QQ^\top)` and Hutchinson probes are :math:`v = Qu`, :math:`u \in \mathbb R^m`, so that
+:math:`\mathbb E[v^\top J v] = \operatorname{tr}(Q^\top J Q)` too.
+
+**RNODE regularisers** (Finlay et al., 2020), integrated as two more state components:
+
+.. math:: \mathcal K = \int_0^{t_1} \lVert f(t, x(t)) \rVert^2 dt, \qquad
+   \mathcal J = \int_0^{t_1} \lVert \partial_x f(t, x(t)) \rVert_F^2 dt .
+
+The exact trace gives :math:`\lVert Q^\top J\rVert_F^2` (:math:`\lVert J \rVert_F^2` without a
+basis) from the Jacobian it already has; the Hutchinson trace gives :math:`\lVert e \rVert^2 =
+\lVert v^\top J \rVert^2`, whose expectation is the same, with no extra pass. Both are always
+integrated (they are cheap and are logged) but are **excluded from the solver's error control**, so
+they do not change the steps taken; they enter the loss only with the weights of
+``regularization``.
+
+**Augmented dimensions** (augmented neural ODEs, Dupont et al., 2019). With ``augment_dims = k``
+the ODE runs on :math:`(x, a) \in \mathbb R^{D+k}` with latent :math:`p_Z(z_x)\,\mathcal N(z_a; 0,
+I_k)`, which defines a joint density :math:`q(x, a)` at :math:`t = 0`; the model of the data is
+its marginal :math:`q(x) = \int q(x, a)\,da`, and :meth:`CNF.sample` draws from it exactly (solve
+backwards, drop :math:`a`). The marginal has no closed form, so with ``augment_dims > 0``
+**log_prob is NOT exact: it is an importance-sampling estimate** with proposal
+:math:`a \sim \mathcal N(0, I_k)`:
+
+.. math:: \widehat{\log q}(x) = \log \frac1K \sum_{i=1}^K \frac{q(x, a_i)}{\mathcal N(a_i; 0, I_k)},
+
+(:math:`K` = ``augment_samples``, default 1), a stochastic **lower bound** in expectation,
+:math:`\mathbb E[\widehat{\log q}(x)] \le \log q(x)` (Jensen), that tightens as :math:`K` grows
+and is tight when :math:`q(a \mid x) = \mathcal N(a; 0, I_k)`. Training minimises the negative
+:math:`K = 1` bound.
+
+**NFE.** Every call of the dynamics is counted. ``nfe_forward`` counts the density direction
+(``log_prob`` and ``loss``), ``nfe_sample`` the sampling direction, and ``nfe_backward`` the
+function evaluations that the training backward pass differentiates through: in adjoint mode these
+are the evaluations of the backward (adjoint) solve; with direct backprop, the evaluations of the
+forward solve whose outputs receive a gradient. ``reset_nfe()`` zeroes all three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from .checks import check_condition, check_data, numel
+from .conditioning import accepts_condition
+from .contract import Loss
+from .hutchinson import HUTCHINSON_MODES, HutchinsonMode, hutchinson_vectors
+
+TraceMode = Literal["exact", "hutchinson"]
+TRACE_MODES: tuple[str, ...] = ("exact", "hutchinson")
+ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams")
+REGULARIZERS: tuple[str, ...] = ("kinetic", "jacobian")
+LOG_TWO_PI = math.log(2 * math.pi)
+
+
+class NFECounter:
+    """Running counts of function evaluations, by direction (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+        self.sample = 0
+
+    def reset(self) -> None:
+        self.forward = self.backward = self.sample = 0
+
+    def count_backward(self, grad: Tensor) -> None:
+        self.backward += 1
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.square().mean().sqrt()
+
+
+def _density_norm(state: tuple[Tensor, ...]) -> Tensor:
+    """Error norm of the density solve: the state and the log-density only, not the regularisers."""
+    return torch.maximum(_rms(state[0]), _rms(state[1]))
+
+
+class Dynamics(nn.Module):
+    r"""The right-hand side of one solve, with its settings frozen (so that an adjoint backward
+    pass, which calls it again later, sees the same condition, probe and trace mode).
+
+    ``direction="density"``: state :math:`(x, \ell, \mathcal K, \mathcal J)`, derivative
+    :math:`(f, \operatorname{tr} J, \lVert f\rVert^2, \lVert J\rVert_F^2)`.
+    ``direction="transform"`` or ``"sample"``: state :math:`x`, derivative :math:`f` (the first
+    counts as the forward direction).
+    States are flat, ``[B, D']``; the velocity sees ``state_shape``.
+    """
+
+    def __init__(
+        self,
+        velocity: nn.Module,
+        state_shape: tuple[int, ...],
+        takes_c: bool,
+        counter: NFECounter,
+        direction: Literal["density", "transform", "sample"],
+        trace: TraceMode = "exact",
+        condition: Tensor | None = None,
+        probe: Tensor | None = None,
+        projector: Tensor | None = None,
+    ):
+        super().__init__()
+        self.velocity = velocity
+        self.state_shape = state_shape
+        self.takes_c = takes_c
+        self.counter = counter
+        self.direction = direction
+        self.trace = trace
+        self.condition = condition
+        self.probe = probe
+        self.projector = projector
+        self.active = False  # True while the CNF's own solve runs; adjoint calls come later
+
+    def field(self, t: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
+        """:math:`f(t, x, c)` on flat rows ``[B, D']``."""
+        inp = x.reshape(x.shape[0], *self.state_shape)
+        out = self.velocity(t, inp) if c is None else self.velocity(t, inp, c)
+        if out.shape != inp.shape:
+            raise ValueError(
+                f"the velocity net maps {tuple(inp.shape)} to {tuple(out.shape)}; it must keep the shape"
+            )
+        return out.reshape(x.shape)
+
+    def forward(self, t: Tensor, state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        if self.active:
+            if self.direction == "sample":
+                self.counter.sample += 1
+            else:
+                self.counter.forward += 1
+        if self.direction != "density":
+            f = self.field(t, state, self.condition)
+            return self._hooked(f)
+        x = state[0]
+        if self.trace == "exact":
+            f, trace, frobenius = self._exact(t, x)
+        else:
+            f, trace, frobenius = self._hutchinson(t, x)
+        return self._hooked(f), trace, f.square().sum(dim=-1), frobenius
+
+    def _hooked(self, f: Tensor) -> Tensor:
+        if f.requires_grad:
+            f.register_hook(self.counter.count_backward)
+        return f
+
+    def _exact(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.condition
+
+        def one(xi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
+            out = self.field(t, xi.unsqueeze(0), None if ci is None else ci.unsqueeze(0)).squeeze(0)
+            return out, out
+
+        in_dims = (0, None if c is None else 0)
+        jac, f = vmap(jacrev(one, has_aux=True), in_dims=in_dims)(x, c)
+        if self.projector is None:
+            trace = jac.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+            frobenius = jac.square().sum(dim=(-2, -1))
+        else:
+            p = self.projector
+            trace = (jac * p).sum(dim=(-2, -1))  # tr(J P) = tr(Qᵀ J Q), P = QQᵀ symmetric
+            frobenius = (jac * (p @ jac)).sum(dim=(-2, -1))  # tr(Jᵀ P J) = ‖Qᵀ J‖²_F
+        return f, trace, frobenius
+
+    def _hutchinson(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            f = self.field(t, x, self.condition)
+            (e,) = torch.autograd.grad(f, x, self.probe, create_graph=keep_graph)
+        trace = (e * self.probe).sum(dim=-1)  # vᵀ J v
+        frobenius = e.square().sum(dim=-1)  # ‖vᵀ J‖², E = ‖Qᵀ J‖²_F
+        if not keep_graph:
+            f, trace, frobenius = f.detach(), trace.detach(), frobenius.detach()
+        return f, trace, frobenius
+
+
+class CNF(nn.Module):
+    r"""A continuous normalizing flow :math:`\dot x = f(t, x, c)` from data (:math:`t=0`) to latent
+    (:math:`t = t_1`). See the module docstring for the maths.
+
+    Args:
+        velocity: network ``f(t, x)`` or ``f(t, x, c)`` (a ``forward`` with a parameter named
+            ``c``) mapping ``x`` of shape ``[B, *event_shape]`` (``[B, D + augment_dims]`` when
+            augmented) to the same shape; ``t`` is a 0-dim tensor. See
+            :class:`~freeflows.nets.velocity.TimeMLP`.
+        latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and ``basis``.
+        trace: ``"exact"`` or ``"hutchinson"``, the trace used by :meth:`loss`.
+        hutchinson: probe distribution, ``"gaussian"`` or ``"rademacher"`` (or ``"sphere"``).
+        solver: a torchdiffeq method: adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``,
+            ``fehlberg2``, ``adaptive_heun``, or fixed-step ``rk4``, ``euler``, ``midpoint``,
+            ``heun2``, ``heun3``, ``explicit_adams`` (these need ``step_size``).
+        rtol, atol: tolerances of adaptive solvers.
+        step_size: step of fixed-step solvers.
+        adjoint: backpropagate with the adjoint method (``odeint_adjoint``, memory O(1) in the
+            number of steps) instead of through the solver's operations.
+        regularization: ``None`` or a dict with keys ``"kinetic"`` and/or ``"jacobian"`` giving
+            the weights :math:`\lambda_K, \lambda_J \ge 0` of the RNODE terms in :meth:`loss`.
+        augment_dims: number :math:`k \ge 0` of augmented dimensions. With ``k > 0``,
+            ``log_prob`` is an **estimate** (a stochastic lower bound), not the exact density.
+        condition_dim: number of condition features, or ``None`` for an unconditional flow.
+        t1: end time :math:`t_1 > 0`.
+    """
+
+    def __init__(
+        self,
+        velocity: nn.Module,
+        latent: nn.Module,
+        *,
+        trace: TraceMode = "exact",
+        hutchinson: HutchinsonMode = "gaussian",
+        solver: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        step_size: float | None = None,
+        adjoint: bool = False,
+        regularization: dict[str, float] | None = None,
+        augment_dims: int = 0,
+        condition_dim: int | None = None,
+        t1: float = 1.0,
+    ):
+        super().__init__()
+        _check_trace(trace)
+        if hutchinson not in HUTCHINSON_MODES:
+            choices = ", ".join(HUTCHINSON_MODES)
+            raise ValueError(f"unknown Hutchinson mode {hutchinson!r}; choose one of {choices}")
+        if solver in FIXED_SOLVERS:
+            if step_size is None or not step_size > 0:
+                raise ValueError(f"solver {solver!r} takes fixed steps: pass step_size > 0, got {step_size}")
+        elif solver in ADAPTIVE_SOLVERS:
+            if not (rtol > 0 and atol > 0):
+                raise ValueError(f"rtol and atol must be > 0, got {rtol!r} and {atol!r}")
+        else:
+            raise ValueError(
+                f"unknown solver {solver!r}; choose one of {', '.join(ADAPTIVE_SOLVERS + FIXED_SOLVERS)}"
+            )
+        regularization = dict(regularization or {})
+        unknown = sorted(set(regularization) - set(REGULARIZERS))
+        if unknown:
+            raise ValueError(f"unknown regularization {unknown}; valid keys are {', '.join(REGULARIZERS)}")
+        for key, weight in regularization.items():
+            if not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f"regularization weight {key}={weight!r} must be a number >= 0")
+        if not isinstance(augment_dims, int) or augment_dims < 0:
+            raise ValueError(f"augment_dims must be an integer >= 0, got {augment_dims!r}")
+        if condition_dim is not None and (not isinstance(condition_dim, int) or condition_dim < 1):
+            raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
+        if not isinstance(t1, (int, float)) or not t1 > 0:
+            raise ValueError(f"t1 must be a number > 0, got {t1!r}")
+        takes_c = accepts_condition(velocity)
+        if condition_dim is not None and not takes_c:
+            raise ValueError("condition_dim is set, but the velocity net's forward has no parameter named c")
+
+        self.velocity = velocity
+        self.latent = latent
+        self.event_shape: tuple[int, ...] = tuple(latent.event_shape)
+        self.trace: TraceMode = trace
+        self.hutchinson: HutchinsonMode = hutchinson
+        self.solver = solver
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.step_size = None if step_size is None else float(step_size)
+        self.adjoint = bool(adjoint)
+        self.regularization = {key: float(regularization.get(key, 0.0)) for key in REGULARIZERS}
+        self.augment_dims = augment_dims
+        self.condition_dim = condition_dim
+        self.t1 = float(t1)
+        self.counter = NFECounter()
+        self._takes_c = takes_c
+        self._backward_mark = 0
+        d = numel(self.event_shape)
+        self._state_shape = self.event_shape if augment_dims == 0 else (d + augment_dims,)
+
+    # -- NFE -----------------------------------------------------------------------------------
+    @property
+    def nfe_forward(self) -> int:
+        """Function evaluations in the density direction (``log_prob``, ``loss``) since the reset."""
+        return self.counter.forward
+
+    @property
+    def nfe_backward(self) -> int:
+        """Function evaluations differentiated through by training backward passes."""
+        return self.counter.backward
+
+    @property
+    def nfe_sample(self) -> int:
+        """Function evaluations in the sampling direction since the reset."""
+        return self.counter.sample
+
+    def reset_nfe(self) -> None:
+        self.counter.reset()
+        self._backward_mark = 0
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Elements of one event, :math:`D` (without augmented dimensions)."""
+        return numel(self.event_shape)
+
+    def _subspace(self) -> tuple[Tensor | None, int]:
+        """Probe basis :math:`\\mathrm{blockdiag}(Q, I_k)` (or ``None``) and its number of columns."""
+        q = getattr(self.latent, "basis", None)
+        d, k = self.dim, self.augment_dims
+        if q is None:
+            return None, d + k
+        m = q.shape[1]
+        full = q.new_zeros(d + k, m + k)
+        full[:d, :m] = q
+        if k:
+            full[d:, m:] = torch.eye(k, dtype=q.dtype, device=q.device)
+        return full, m + k
+
+    def _latent_log_prob(self, z: Tensor) -> Tensor:
+        d = self.dim
+        out = self.latent.log_prob(z[:, :d].reshape(z.shape[0], *self.event_shape))
+        if self.augment_dims:
+            out = out + _normal_log_prob(z[:, d:])
+        return out
+
+    # -- solves --------------------------------------------------------------------------------
+    def _solve(self, dynamics: Dynamics, y0: Tensor | tuple[Tensor, ...], t0: float, t1: float):
+        from torchdiffeq import odeint, odeint_adjoint
+
+        first = y0 if isinstance(y0, Tensor) else y0[0]
+        t = torch.tensor([t0, t1], dtype=first.dtype, device=first.device)
+        options: dict = {}
+        if self.solver in FIXED_SOLVERS:
+            options["step_size"] = self.step_size
+        elif not isinstance(y0, Tensor):
+            options["norm"] = _density_norm
+        kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.solver, "options": options}
+        dynamics.active = True
+        try:
+            if self.adjoint:
+                params = [p for p in self.velocity.parameters() if p.requires_grad]
+                c = dynamics.condition
+                if c is not None and c.requires_grad:
+                    params.append(c)
+                out = odeint_adjoint(dynamics, y0, t, adjoint_params=tuple(params), **kwargs)
+            else:
+                out = odeint(dynamics, y0, t, **kwargs)
+        finally:
+            dynamics.active = False
+        return out[-1] if isinstance(out, Tensor) else tuple(s[-1] for s in out)
+
+    def _dynamics(self, direction: Literal["density", "transform", "sample"], **settings) -> Dynamics:
+        return Dynamics(self.velocity, self._state_shape, self._takes_c, self.counter, direction, **settings)
+
+    def integrate(
+        self,
+        x: Tensor,
+        c: Tensor | None = None,
+        *,
+        trace: TraceMode | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        r"""Solve the density ODE from ``x`` (already checked) and return the flat end state:
+        ``z`` (``[B, D']``), ``log_prob`` (of the augmented point :math:`(x, a)` when augmented),
+        ``trace_integral`` :math:`\ell(t_1)`, ``kinetic`` and ``jacobian`` (``[B]`` each), ``a``
+        (the augmented draw, ``[B, k]``) and ``nfe`` (this solve's count)."""
+        trace = self.trace if trace is None else trace
+        _check_trace(trace)
+        batch = x.shape[0]
+        h = x.reshape(batch, -1)
+        a = h.new_zeros(batch, 0)
+        if self.augment_dims:
+            a = torch.randn(batch, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
+            h = torch.cat([h, a], dim=1)
+        basis, m = self._subspace()
+        basis = None if basis is None else basis.to(h)
+        settings: dict = {"trace": trace, "condition": c}
+        if trace == "exact":
+            settings["projector"] = None if basis is None else basis @ basis.T
+        else:
+            probe = hutchinson_vectors(
+                1, batch, m, self.hutchinson, basis=basis, device=h.device, dtype=h.dtype, generator=generator
+            )
+            settings["probe"] = probe[0]
+        dynamics = self._dynamics("density", **settings)
+        zeros = h.new_zeros(batch)
+        before = self.counter.forward
+        z, ell, kinetic, jacobian = self._solve(dynamics, (h, zeros, zeros, zeros), 0.0, self.t1)
+        log_prob = self._latent_log_prob(z) + ell
+        return {
+            "z": z,
+            "log_prob": log_prob,
+            "trace_integral": ell,
+            "kinetic": kinetic,
+            "jacobian": jacobian,
+            "a": a,
+            "nfe": torch.tensor(float(self.counter.forward - before)),
+        }
+
+    def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
+        check_data(x, self.event_shape)
+        return check_condition(c, self.condition_dim, x.shape[0])
+
+    # -- the model contract -------------------------------------------------------------------
+    def log_prob(
+        self,
+        x: Tensor,
+        c: Tensor | None = None,
+        *,
+        trace: TraceMode = "exact",
+        augment_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Log-density ``[B]``: :math:`\log p_Z(z(t_1)) + \int_0^{t_1} \operatorname{tr}
+        \partial_x f\, dt`, exact up to the solver tolerances with ``trace="exact"`` (default).
+
+        ``trace="hutchinson"`` returns an unbiased **estimate** instead (one probe per row).
+        With ``augment_dims > 0`` the value is **an estimate, not the exact density**: the
+        importance-sampling lower bound of the module docstring with ``augment_samples`` draws.
+        """
+        c = self._inputs(x, c)
+        if not isinstance(augment_samples, int) or augment_samples < 1:
+            raise ValueError(f"augment_samples must be a positive integer, got {augment_samples!r}")
+        k = augment_samples if self.augment_dims else 1
+        if k > 1:
+            x = x.repeat(k, *([1] * (x.dim() - 1)))
+            c = None if c is None else c.repeat(k, 1)
+        out = self.integrate(x, c, trace=trace, generator=generator)
+        log_prob = out["log_prob"]
+        if self.augment_dims:
+            log_prob = log_prob - _normal_log_prob(out["a"])
+        if k > 1:
+            log_prob = torch.logsumexp(log_prob.reshape(k, -1), dim=0) - math.log(k)
+        return log_prob
+
+    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
+        r"""Negative log-likelihood with the configured trace, plus the weighted RNODE terms:
+        :math:`\mathrm{mean}(-\log p(x) + \lambda_K \mathcal K + \lambda_J \mathcal J)`.
+
+        ``Loss.parts`` (batch means, detached): ``nll`` (a Hutchinson estimate with
+        ``trace="hutchinson"``, the negative lower bound when augmented), ``kinetic``,
+        ``jacobian`` (logged even when their weights are zero), ``nfe_forward`` (this solve) and
+        ``nfe_backward`` (measured during the *previous* training backward pass, since this
+        batch's has not happened yet; 0 at first).
+        """
+        c = self._inputs(x, c)
+        nfe_backward = self.counter.backward - self._backward_mark
+        self._backward_mark = self.counter.backward
+        out = self.integrate(x, c)
+        nll = -out["log_prob"]
+        if self.augment_dims:
+            nll = nll + _normal_log_prob(out["a"])
+        value = (
+            nll
+            + self.regularization["kinetic"] * out["kinetic"]
+            + self.regularization["jacobian"] * out["jacobian"]
+        ).mean()
+        parts = {
+            "nll": nll.mean().detach(),
+            "kinetic": out["kinetic"].mean().detach(),
+            "jacobian": out["jacobian"].mean().detach(),
+            "nfe_forward": out["nfe"],
+            "nfe_backward": torch.tensor(float(nfe_backward)),
+        }
+        return Loss(value, parts)
+
+    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws: :math:`z \\sim p_Z` (and :math:`a \\sim \\mathcal N(0, I_k)`), integrated
+        from :math:`t_1` back to 0 (augmented coordinates dropped). With ``c`` of shape ``[C]``
+        all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        c = check_condition(c, self.condition_dim, n)
+        z = self.latent.sample(n, generator=generator)
+        if c is not None:
+            z = z.to(c)
+        h = z.reshape(n, -1)
+        if self.augment_dims:
+            a = torch.randn(n, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
+            h = torch.cat([h, a], dim=1)
+        x = self._solve(self._dynamics("sample", condition=c), h, self.t1, 0.0)
+        return x[:, : self.dim].reshape(n, *self.event_shape)
+
+    def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """The flow map data to latent, :math:`z = x(t_1)` (flat ``[B, D']``; no density)."""
+        c = self._inputs(x, c)
+        h = x.reshape(x.shape[0], -1)
+        if self.augment_dims:
+            raise ValueError("transform is not defined with augmented dimensions (it needs a draw of a)")
+        dynamics = self._dynamics("transform", condition=c)
+        return self._solve(dynamics, h, 0.0, self.t1).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"event_shape={self.event_shape}, trace={self.trace!r}, solver={self.solver!r}, "
+            f"adjoint={self.adjoint}, augment_dims={self.augment_dims}, t1={self.t1}"
+        )
+
+
+def _check_trace(trace: str) -> None:
+    if trace not in TRACE_MODES:
+        raise ValueError(f"unknown trace {trace!r}; choose one of {', '.join(TRACE_MODES)}")
+
+
+def _normal_log_prob(a: Tensor) -> Tensor:
+    return -0.5 * a.square().sum(dim=-1) - 0.5 * a.shape[-1] * LOG_TWO_PI
+
+
+__all__ = ["CNF", "Dynamics", "NFECounter"]
