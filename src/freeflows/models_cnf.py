@@ -1,0 +1,83 @@
+"""Builder of the continuous normalizing flow by name, for the tool.
+
+``CNF_BUILDERS["cnf"](event_shape, condition_dim, **options)`` returns a
+:class:`~freeflows.continuous.CNF` with a :class:`~freeflows.nets.velocity.TimeMLP` velocity on
+the flattened event and a standard normal latent. Any option not listed in ``build.options``
+raises :class:`ValueError` listing the valid ones. This module imports torchdiffeq only when a
+model is solved, not when it is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .checks import numel
+from .continuous import CNF
+from .distributions import StandardNormal
+from .nets.velocity import TimeMLP
+
+#: Every option of :func:`build` and its default.
+DEFAULTS: dict[str, Any] = {
+    "hidden": 64,
+    "layers": 3,
+    "activation": "tanh",
+    "trace": "exact",
+    "hutchinson": "gaussian",
+    "solver": "dopri5",
+    "rtol": 1e-5,
+    "atol": 1e-5,
+    "step_size": None,
+    "adjoint": False,
+    "kinetic": 0.0,
+    "jacobian": 0.0,
+    "augment_dims": 0,
+    "t1": 1.0,
+}
+
+
+def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, **options: Any) -> nn.Module:
+    """Build a :class:`~freeflows.continuous.CNF`.
+
+    Options (defaults in :data:`DEFAULTS`): ``hidden``, ``layers``, ``activation`` of the
+    :class:`~freeflows.nets.velocity.TimeMLP`; ``trace``, ``hutchinson``, ``solver``, ``rtol``,
+    ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1`` of the CNF; ``kinetic`` and
+    ``jacobian``, the RNODE weights :math:`\\lambda_K, \\lambda_J`.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        valid = ", ".join(DEFAULTS)
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for cnf; valid options: {valid}")
+    opts = {**DEFAULTS, **options}
+    shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+    features = numel(shape) + int(opts["augment_dims"])
+    velocity = TimeMLP(
+        features,
+        hidden=opts["hidden"],
+        layers=opts["layers"],
+        condition_dim=condition_dim or 0,
+        activation=opts["activation"],
+    )
+    regularization = {"kinetic": opts["kinetic"], "jacobian": opts["jacobian"]}
+    return CNF(
+        velocity,
+        StandardNormal(*shape),
+        trace=opts["trace"],
+        hutchinson=opts["hutchinson"],
+        solver=opts["solver"],
+        rtol=opts["rtol"],
+        atol=opts["atol"],
+        step_size=opts["step_size"],
+        adjoint=opts["adjoint"],
+        regularization=regularization,
+        augment_dims=opts["augment_dims"],
+        condition_dim=condition_dim,
+        t1=opts["t1"],
+    )
+
+
+build.options = tuple(DEFAULTS)  # type: ignore[attr-defined]
+
+CNF_BUILDERS: dict[str, Callable[..., nn.Module]] = {"cnf": build}
