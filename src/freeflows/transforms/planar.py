@@ -8,9 +8,12 @@ The planar map goes from latent to data,
 It is invertible when :math:`w^\top \hat u > -1`, which the reparametrisation
 
 .. math:: \hat u = u + \bigl(m(w^\top u) - w^\top u\bigr) \frac{w}{\lVert w\rVert^2},
-   \qquad m(a) = -1 + \operatorname{softplus}(a),
+   \qquad m(a) = -1 + \epsilon + \operatorname{softplus}(a),
 
-guarantees (:math:`w^\top \hat u = m(w^\top u) > -1`).
+guarantees (:math:`w^\top \hat u = m(w^\top u) > -1`). The small :math:`\epsilon`
+(:data:`MIN_SLOPE`, ``1e-4``) keeps this true in floating point too (``softplus`` underflows to
+zero for very negative arguments), so :math:`\det J_g \ge \epsilon` and every log-determinant
+is finite.
 
 **Directions.** In the library's convention (forward = data → latent), :meth:`Planar.inverse`
 is the closed-form :math:`g` (used for **sampling**) and :meth:`Planar.forward` is
@@ -44,6 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Transform, check_features
+
+#: :math:`\epsilon` in :math:`m(a) = -1 + \epsilon + \operatorname{softplus}(a)`.
+MIN_SLOPE = 1e-4
 
 
 def solve_planar(y: Tensor, wu: Tensor, b: Tensor, tol: float, max_iter: int = 100) -> Tensor:
@@ -112,7 +118,7 @@ class Planar(Transform):
             du, dw, db = self.hyper(c).split([self.features, self.features, 1], dim=-1)
             u, w, b = u + du, w + dw, b + db[:, 0]
         wu = (w * u).sum(dim=-1, keepdim=True)
-        u_hat = u + (F.softplus(wu) - 1 - wu) * w / w.square().sum(dim=-1, keepdim=True)
+        u_hat = u + (F.softplus(wu) - 1 + MIN_SLOPE - wu) * w / w.square().sum(dim=-1, keepdim=True)
         return u_hat, w, b
 
     def inverse(self, z: Tensor, c: Tensor | None = None) -> Tensor:
