@@ -55,6 +55,7 @@ __all__ = [
     "MetropolisResult",
     "center",
     "dw4_energy",
+    "lennard_jones_energy",
     "lj13_energy",
     "lj13_lattice",
     "load_dw4",
@@ -93,7 +94,9 @@ def lennard_jones_energy(
     return pair + harmonic
 
 
-def lj13_lattice(n: int, spacing: float = 1.1, jitter: float = 0.05, generator=None) -> Tensor:
+def lj13_lattice(
+    n: int, spacing: float = 1.1, jitter: float = 0.05, generator: torch.Generator | None = None
+) -> Tensor:
     """``n`` starting configurations for LJ13 MCMC: 13 distinct random sites of a 3x3x3 cubic
     lattice of the given spacing, jittered, centred; ``[n, 39]`` in float64."""
     grid = torch.stack(torch.meshgrid(*(torch.arange(3.0),) * 3, indexing="ij"), -1).reshape(27, 3)
