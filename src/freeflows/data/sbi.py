@@ -1,0 +1,205 @@
+r"""Simulation-based inference tasks from sbibm, as conditional data sets.
+
+A task has a prior :math:`p(\theta)` and a simulator :math:`x \sim p(x \mid \theta)`. With a
+simulation budget :math:`N`, we draw :math:`\theta_i \sim p(\theta)`, :math:`x_i \sim p(x \mid
+\theta_i)` and learn the posterior :math:`q(\theta \mid x) \approx p(\theta \mid x)` from the pairs.
+
+The returned :class:`~freeflows.data.base.DataSet` models :math:`\theta` *given* :math:`x`:
+``split.x`` is the standardised parameter :math:`\tilde\theta = (\theta - \mu_\theta)/\sigma_\theta`
+(event shape ``(dim_theta,)``) and ``split.c`` the standardised observation
+:math:`\tilde x = (x - \mu_x)/\sigma_x` (``condition_dim = dim_x``), both with training-split
+statistics. A model of :math:`\tilde\theta` gives densities of :math:`\theta` by the change of
+variables (see :func:`posterior_log_prob`):
+
+.. math:: \log q(\theta \mid x) = \log \tilde q(\tilde\theta \mid \tilde x)
+   - \textstyle\sum_j \log \sigma_{\theta, j} .
+
+sbibm is imported only inside the functions here; install it with ``pip install -e .[sbi]``
+(the working pins are in ``requirements-sbi.txt``). Its wheel ships each task's 10 observations
+and 10,000 reference posterior samples per observation, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import DataSet, split_by_seed
+from .standardize import Standardizer
+
+#: The sbibm tasks that simulate offline (sir and lotka_volterra need Julia).
+TASKS: tuple[str, ...] = (
+    "gaussian_linear",
+    "gaussian_linear_uniform",
+    "gaussian_mixture",
+    "two_moons",
+    "slcp",
+    "slcp_distractors",
+    "bernoulli_glm",
+    "bernoulli_glm_raw",
+)
+
+#: sbibm ships observations and reference posteriors numbered 1 to 10.
+NUM_OBSERVATIONS = 10
+
+
+def check_task(task: str) -> str:
+    """Return ``task`` if it is one of :data:`TASKS`, else raise a ``ValueError`` naming them."""
+    if task not in TASKS:
+        raise ValueError(f"unknown sbi task {task!r}; choose one of: {', '.join(TASKS)}")
+    return task
+
+
+def _check_observation(num_observation: int) -> int:
+    if isinstance(num_observation, bool) or not isinstance(num_observation, int):
+        raise ValueError(
+            f"num_observation must be an integer in 1..{NUM_OBSERVATIONS}, got {num_observation!r}"
+        )
+    if not 1 <= num_observation <= NUM_OBSERVATIONS:
+        raise ValueError(f"num_observation must be in 1..{NUM_OBSERVATIONS}, got {num_observation}")
+    return num_observation
+
+
+@contextlib.contextmanager
+def _trusted_task_files() -> Iterator[None]:
+    """Let ``torch.load`` read the pickled tensors inside sbibm's own wheel.
+
+    Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``, which rejects the files of
+    slcp_distractors and bernoulli_glm. sbibm calls ``torch.load`` itself, so we lift the default
+    through ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` for the duration of the call, and restore it.
+    """
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*weights_only.*")
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def get_task(task: str) -> Any:
+    """The sbibm task object of ``task`` (imports sbibm lazily)."""
+    check_task(task)
+    try:
+        import sbibm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "freeflows.data.sbi needs sbibm; install it with `pip install -e .[sbi]` "
+            "(pins in requirements-sbi.txt)"
+        ) from error
+    with _trusted_task_files():
+        return sbibm.get_task(task)
+
+
+def simulate(task: str, num_simulations: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    r"""Draw ``num_simulations`` pairs :math:`\theta \sim p(\theta)`, :math:`x \sim p(x\mid\theta)`.
+
+    sbibm samples from torch's and numpy's global generators; both are seeded with ``seed``
+    inside a forked state, so the caller's generators are left as they were. Returns float32
+    ``theta [N, dim_theta]`` and ``x [N, dim_x]``; raises if the simulator gives non-finite values.
+    """
+    if isinstance(num_simulations, bool) or not isinstance(num_simulations, int) or num_simulations < 1:
+        raise ValueError(f"the simulation budget must be a positive integer, got {num_simulations!r}")
+    sbibm_task = get_task(task)
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), _trusted_task_files():
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            theta = sbibm_task.get_prior()(num_samples=num_simulations)
+            x = sbibm_task.get_simulator()(theta)
+    finally:
+        np.random.set_state(numpy_state)
+    theta, x = theta.float(), x.float()
+    if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
+        raise RuntimeError(f"the {task} simulator returned non-finite values with seed {seed}")
+    return theta, x
+
+
+def observation(task: str, num_observation: int) -> Tensor:
+    """The observed data ``x_o [dim_x]`` number ``num_observation`` (1..10) of ``task``."""
+    _check_observation(num_observation)
+    sbibm_task = get_task(task)
+    with _trusted_task_files():
+        return sbibm_task.get_observation(num_observation=num_observation).float().reshape(-1)
+
+
+def reference_posterior(task: str, num_observation: int) -> Tensor:
+    r"""The 10,000 reference samples :math:`\theta \sim p(\theta \mid x_o)` ``[10000, dim_theta]``."""
+    _check_observation(num_observation)
+    sbibm_task = get_task(task)
+    with _trusted_task_files():
+        return sbibm_task.get_reference_posterior_samples(num_observation=num_observation).float()
+
+
+def load_sbi_task(
+    task: str,
+    budget: int,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.05,
+) -> DataSet:
+    r"""A conditional data set of ``budget`` simulations of ``task``, split and standardised.
+
+    The ``budget`` simulations (seeded by ``seed``) are shuffled with ``seed`` and cut into
+    validation (``val_fraction``), test (``test_fraction``) and training splits (the rest). Both
+    :math:`\theta` and :math:`x` are z-scored with training statistics.
+
+    ``meta`` holds ``task``, ``budget``, ``seed``, ``dim_theta``, ``dim_x``, and the two
+    :class:`Standardizer` objects ``theta_standardizer`` and ``x_standardizer``, to map model
+    samples back (``inverse``) and new observations in (``forward``).
+    """
+    check_task(task)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    theta, x = simulate(task, budget, seed)
+    train, val, test = split_by_seed(theta, x, (val_fraction, test_fraction), seed)
+    if len(train) < 2:
+        raise ValueError(f"a budget of {budget} leaves {len(train)} training simulations; need at least 2")
+    theta_std = Standardizer.fit(train.x)
+    x_std = Standardizer.fit(train.c)
+    for split in (train, val, test):
+        split.x = theta_std(split.x)
+        split.c = x_std(split.c)
+    return DataSet(
+        name=f"sbi-{task}",
+        train=train,
+        val=val,
+        test=test,
+        event_shape=(theta.shape[1],),
+        condition_dim=x.shape[1],
+        kind="vector",
+        meta={
+            "task": task,
+            "budget": budget,
+            "seed": seed,
+            "dim_theta": theta.shape[1],
+            "dim_x": x.shape[1],
+            "theta_standardizer": theta_std,
+            "x_standardizer": x_std,
+        },
+    )
+
+
+def posterior_log_prob(log_prob_standardised: Tensor, theta_standardizer: Standardizer) -> Tensor:
+    r""":math:`\log q(\theta \mid x)` from a model's :math:`\log \tilde q(\tilde\theta \mid \tilde x)`.
+
+    Adds the log-Jacobian of :math:`\theta \mapsto \tilde\theta`, :math:`-\sum_j \log\sigma_{\theta,j}`.
+    (Standardising the condition :math:`x` changes no density of :math:`\theta`.)
+    """
+    return log_prob_standardised + theta_standardizer.log_abs_det().to(log_prob_standardised)
