@@ -42,6 +42,8 @@ through :math:`a` and give wrong gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,8 +104,14 @@ class Planar(Transform):
         self.features = features
         self.tol = tol
         self.max_iter = max_iter
-        self.w = nn.Parameter(torch.randn(features) / features**0.5)
-        self.u = nn.Parameter(0.1 * torch.randn(features))
+        # Random w; u is a small random vector whose component along w makes m(w^T u) = MIN_SLOPE
+        # (w^T u = log(e - 1)), so that w^T u_hat = 0: each layer starts volume-preserving
+        # instead of contracting by m(0) = log 2 - 1.
+        w = torch.randn(features) / features**0.5
+        u = 0.1 * torch.randn(features)
+        u = u + (math.log(math.e - 1) - (w * u).sum()) * w / w.square().sum()
+        self.w = nn.Parameter(w)
+        self.u = nn.Parameter(u)
         self.b = nn.Parameter(torch.zeros(()))
         self.hyper = None
         if condition_dim is not None:
