@@ -1,0 +1,228 @@
+"""Claims of issue "freeflows core" about FreeFormFlow: unbiased gradients, bias growth, exact
+log_prob, bad input, light import. Learning to the right density is in test_freeform_learning.py."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev
+
+from freeflows import FreeFormFlow, ResNet, StandardNormal
+from freeflows.distributions import LOG_TWO_PI
+
+D = 3
+
+
+class Affine(nn.Module):
+    """f(x) = A x + b, with an analytic inverse."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.a = nn.Parameter(
+            torch.eye(D, dtype=torch.float64) + 0.4 * torch.randn(D, D, generator=g, dtype=torch.float64)
+        )
+        self.b = nn.Parameter(0.3 * torch.randn(D, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.a.T + self.b
+
+
+class AffineInverse(nn.Module):
+    """g(z) = A^{-1}(z - b) + eps * M z: the exact inverse of ``f`` when eps = 0."""
+
+    def __init__(self, f: Affine, eps: float = 0.0):
+        super().__init__()
+        self.f, self.eps = f, eps
+        self.m = torch.randn(D, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def forward(self, z):
+        # inv + matmul: vmap(jacfwd(torch.linalg.solve)) gives wrong Jacobians in torch 2.13
+        x = (z - self.f.b) @ torch.linalg.inv(self.f.a).T
+        return x + self.eps * z @ self.m.T
+
+
+class SinhMap(nn.Module):
+    """Nonlinear invertible f(x) = B sinh(A x + b)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        eye = torch.eye(D, dtype=torch.float64)
+        self.a = nn.Parameter(eye + 0.3 * torch.randn(D, D, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(0.2 * torch.randn(D, generator=g, dtype=torch.float64))
+        self.bm = nn.Parameter(eye + 0.3 * torch.randn(D, D, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.sinh(x @ self.a.T + self.b) @ self.bm.T
+
+
+class SinhInverse(nn.Module):
+    def __init__(self, f: SinhMap):
+        super().__init__()
+        self.f = f
+
+    def forward(self, z):
+        u = torch.asinh(z @ torch.linalg.inv(self.f.bm).T)
+        return (u - self.f.b) @ torch.linalg.inv(self.f.a).T
+
+
+def _exact_log_prob(f, x):
+    jac = torch.stack([jacrev(f)(xi.unsqueeze(0)).reshape(D, D) for xi in x])
+    z = f(x)
+    return -0.5 * z.square().sum(1) - 0.5 * D * LOG_TWO_PI + torch.linalg.slogdet(jac).logabsdet
+
+
+def _flat_grad(loss, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+
+def _make(kind, mode, eps=0.0, beta=1.0, samples=1):
+    f = Affine() if kind == "affine" else SinhMap()
+    g = AffineInverse(f, eps) if kind == "affine" else SinhInverse(f)
+    return FreeFormFlow(
+        f, g, StandardNormal(D).double(), beta=beta, hutchinson=mode, hutchinson_samples=samples
+    )
+
+
+X = torch.randn(4, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.7
+
+
+@pytest.mark.parametrize("kind", ["affine", "sinh"])
+@pytest.mark.parametrize("mode", ["gaussian", "rademacher", "sphere"])
+def test_surrogate_gradient_is_unbiased(kind, mode):
+    """With g = f^{-1}, E_v[grad of the loss] equals the gradient of the exact NLL."""
+    torch.manual_seed(0)
+    model = _make(kind, mode)
+    params = list(model.encoder.parameters())
+    exact = _flat_grad(-_exact_log_prob(model.encoder, X).mean(), params)
+    draws = torch.stack([_flat_grad(model.loss(X).value, params) for _ in range(1500)])
+    mean, se = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
+    z = (mean - exact).abs() / (se + 1e-12)
+    assert se.max() > 1e-6, "the estimator should be random here"
+    assert z.max() < 4.5, f"max z-score {z.max():.2f}"
+
+
+def test_unbiasedness_check_has_power():
+    """The statistical test above has power: a mis-weighted surrogate (doubled) is detected."""
+    torch.manual_seed(0)
+    model = _make("sinh", "gaussian", samples=2)
+    params = list(model.encoder.parameters())
+    exact = _flat_grad(-_exact_log_prob(model.encoder, X).mean(), params)
+    # Doubling the surrogate's weight mimics a mis-normalised estimator.
+    draws = []
+    for _ in range(300):
+        loss = model.loss(X)
+        nll_grad = _flat_grad(loss.value, params)
+        draws.append(2 * nll_grad - _flat_grad(model.latent.log_prob(model.encode(X)).neg().mean(), params))
+    draws = torch.stack(draws)
+    z = (draws.mean(0) - exact).abs() / (draws.std(0) / draws.shape[0] ** 0.5)
+    assert z.max() > 10
+
+
+def test_bias_grows_with_inverse_error():
+    """With a perturbed inverse, the gradient bias grows (about linearly) with ||J_g J_f - I||.
+
+    The sphere mode with K = D orthogonal probes is the exact trace, so every number is exact."""
+    errors, biases = [], []
+    for eps in (0.0, 0.01, 0.03, 0.1, 0.3):
+        model = _make("affine", "sphere", eps=eps, beta=0.0, samples=D)
+        params = [model.encoder.a, model.encoder.b]
+        exact = _flat_grad(-_exact_log_prob(model.encoder, X).mean(), params)
+        biases.append((_flat_grad(model.loss(X).value, params) - exact).norm().item())
+        eye = torch.eye(D, dtype=torch.float64)
+        j_g = torch.linalg.inv(model.encoder.a) + eps * model.decoder.m
+        errors.append((j_g @ model.encoder.a - eye).norm().item())
+    assert biases[0] < 1e-10
+    assert all(b2 > b1 for b1, b2 in zip(biases, biases[1:], strict=False))
+    ratios = [b / e for b, e in zip(biases[1:], errors[1:], strict=True)]
+    assert max(ratios) / min(ratios) < 1.5, ratios  # bias ~ proportional to the inverse error
+
+
+def test_log_prob_is_exact_for_an_exact_inverse():
+    model = _make("sinh", "gaussian")
+    ref = _exact_log_prob(model.encoder, X)
+    torch.testing.assert_close(model.log_prob(X), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.log_prob(X, variant="encoder"), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_log_prob_of_resnet_flow_matches_explicit_decoder_jacobian_and_chunking():
+    torch.manual_seed(0)
+    enc, dec = ResNet(D, 16, blocks=2).double(), ResNet(D, 16, blocks=2).double()
+    for p in list(enc.parameters()) + list(dec.parameters()):
+        nn.init.normal_(p, std=0.3)
+    model = FreeFormFlow(enc, dec, StandardNormal(D).double())
+    x = torch.randn(9, D, dtype=torch.float64)
+    z = enc(x)
+    jac = torch.stack([jacrev(dec)(zi.unsqueeze(0)).reshape(D, D) for zi in z])
+    ref = -0.5 * z.square().sum(1) - 0.5 * D * LOG_TWO_PI - torch.linalg.slogdet(jac).logabsdet
+    full = model.log_prob(x)
+    torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-10)
+    for chunk in (1, 2, 4):
+        torch.testing.assert_close(model.log_prob(x, chunk_size=chunk), full, rtol=0, atol=1e-13)
+    # for a generic pair the encoder value differs: the gap is the inverse-error diagnostic
+    assert (model.log_prob(x, variant="encoder") - full).abs().max() > 1e-3
+
+
+def test_conditions_concatenated_or_passed():
+    torch.manual_seed(0)
+    concat = FreeFormFlow(nn.Linear(D + 2, D), nn.Linear(D + 2, D), StandardNormal(D), condition_dim=2)
+    passed = FreeFormFlow(
+        ResNet(D, 8, condition_features=2),
+        ResNet(D, 8, condition_features=2),
+        StandardNormal(D),
+        condition_dim=2,
+    )
+    x, c = torch.randn(5, D), torch.randn(5, 2)
+    for m in (concat, passed):
+        assert m.loss(x, c).value.isfinite()
+        assert m.log_prob(x, c).shape == (5,)
+        assert m.sample(7, c[0]).shape == (7, D)
+        assert m.sample(5, c).shape == (5, D)
+    # the condition matters for the concatenating model
+    assert not torch.allclose(concat.log_prob(x, c), concat.log_prob(x, c + 1))
+
+
+def test_bad_input_is_a_value_error():
+    model = FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D))
+    x = torch.randn(4, D)
+    for bad, match in [
+        (x.clone().index_fill_(0, torch.tensor([1]), float("nan")), "NaN"),
+        (x.clone().index_fill_(0, torch.tensor([2]), float("inf")), "inf"),
+        (torch.randn(4, D + 1), "shape"),
+        (torch.randn(D), "shape"),
+    ]:
+        for call in (model.loss, model.log_prob):
+            with pytest.raises(ValueError, match=match):
+                call(bad)
+    with pytest.raises(ValueError, match="unconditional"):
+        model.loss(x, torch.randn(4, 2))
+    cond = FreeFormFlow(
+        ResNet(D, condition_features=2), ResNet(D, condition_features=2), StandardNormal(D), condition_dim=2
+    )
+    with pytest.raises(ValueError, match="conditional"):
+        cond.loss(x)
+    with pytest.raises(ValueError, match="rows"):
+        cond.loss(x, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="expected"):
+        cond.sample(3, torch.randn(5))
+    with pytest.raises(ValueError, match="beta"):
+        FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), beta=-1.0)
+    with pytest.raises(ValueError, match="unknown Hutchinson mode"):
+        FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), hutchinson="uniform")
+    with pytest.raises(ValueError, match="exceeds the dimension"):
+        FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), hutchinson="sphere", hutchinson_samples=D + 1)
+    with pytest.raises(ValueError, match="keep the shape"):
+        FreeFormFlow(nn.Linear(D, D + 1), ResNet(D), StandardNormal(D)).loss(x)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, freeflows, freeflows.data.toy\n"
+        "heavy = ('lightning', 'pytorch_lightning', 'matplotlib', 'sbibm', 'yaml')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
