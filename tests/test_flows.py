@@ -214,3 +214,31 @@ def test_builders():
         CLASSIC_BUILDERS["maf"]((1, 8, 8), None)
     with pytest.raises(ValueError, match="positive integer"):
         CLASSIC_BUILDERS["nice"]((4,), None, hidden=0)
+
+
+def test_glow_learns_images():
+    """Multi-scale Glow on 1x4x4 images spanned by two smooth patterns plus small noise: 60 Adam
+    steps lower the held-out NLL by more than 5 nats (the data lie near a 2-D subspace)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-1, 1, 4)
+    patterns = torch.stack([grid[None, :].expand(4, 4), (grid[:, None] * grid[None, :])])
+
+    def images(n):
+        coef = torch.randn(n, 2, generator=g)
+        noise = 0.05 * torch.randn(n, 1, 4, 4, generator=g)
+        return (coef[:, :, None, None] * patterns).sum(1, keepdim=True) + noise
+
+    flow = Glow((1, 4, 4), steps=2, levels=2, hidden=16)
+    test = images(500)
+    with torch.no_grad():
+        flow.log_prob(images(256))
+        before = -flow.log_prob(test).mean().item()
+    opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        flow.loss(images(128)).value.backward()
+        opt.step()
+    with torch.no_grad():
+        after = -flow.log_prob(test).mean().item()
+    assert after < before - 5, (before, after)
