@@ -127,7 +127,26 @@ def test_linear_ode_matches_analytic_density():
         for solver, step, tol in (("rk4", 0.05, 1e-6), ("euler", 0.005, 2e-2)):
             fixed = CNF(LinearField(a), StandardNormal(3).double(), solver=solver, step_size=step, t1=t1)
             assert torch.allclose(fixed.log_prob(x), expected, atol=tol, rtol=0)
+        # the exact trace in chunks of rows gives the same values
+        chunked = tight(LinearField(a), StandardNormal(3), t1=t1, chunk_size=5)
+        assert torch.allclose(chunked.log_prob(x), expected, atol=1e-6, rtol=0)
     assert abs(float(torch.trace(a))) > 0.1  # the trace term matters
+
+
+class Drift(nn.Module):
+    """:math:`f(t, x) = t \\mathbf 1`, independent of x: z = x + t1²/2 and the trace is 0."""
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return t * torch.ones_like(x)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_field_that_ignores_x(trace):
+    cnf = tight(Drift(), StandardNormal(2), trace=trace)
+    x = torch.randn(5, 2, dtype=F64)
+    out = cnf.integrate(x)
+    assert torch.allclose(out["z"], x + 0.5, atol=1e-7)
+    assert torch.allclose(out["log_prob"], normal_log_prob(x + 0.5), atol=1e-7)
 
 
 def test_mean_free_latent_uses_the_subspace_trace():
@@ -276,7 +295,7 @@ def test_augmented_log_prob_is_a_lower_bound_of_the_marginal():
     """D = 1, k = 1. The augmented model's joint q(x, a) is the plain 2-D CNF with the same field,
     so the marginal q(x) = ∫ q(x, a) da is computed by quadrature on a grid. Then for the 1-sample
     estimates e = log q(x, a) - log N(a), a ~ N(0, 1): mean(e) <= log q(x) (Jensen, up to 4 SE),
-    log mean exp(e) = log q(x) within 4 delta-method SE, and sample() draws from q(x) (mean)."""
+    log mean exp(e) = log q(x) within 4 delta-method SE, and sample() draws from q(x) (KS test)."""
     net = random_field(features=2, scale=1.5, seed=6)
     augmented = CNF(net, StandardNormal(1).double(), augment_dims=1, rtol=1e-7, atol=1e-7)
     joint = CNF(net, StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
@@ -299,12 +318,14 @@ def test_augmented_log_prob_is_a_lower_bound_of_the_marginal():
         assert target - float(e.mean()) > 1e-3  # q(a | x) ≠ N(0, 1): the bound is not tight
     with torch.no_grad():
         several = augmented.log_prob(g[50:53, None], augment_samples=64)
-        draws = augmented.sample(n)
+        draws = augmented.sample(2 * n)
     assert several.shape == (3,) and torch.isfinite(several).all()
-    assert draws.shape == (n, 1)
-    mean = float((g * log_marginal.exp()).sum()) * cell
-    ok, got, se = within_se(draws[:, 0], mean)
-    assert ok, (got, mean, se)
+    assert draws.shape == (2 * n, 1)
+    # Kolmogorov-Smirnov against the quadrature CDF (at cell edges): sqrt(n)·sup|F_n - F| < 1.95
+    # has level ~0.1%. Measured 0.6; sampling with a = 0 instead of a ~ N(0, 1) gives ~2.9.
+    cdf = (log_marginal.exp() * cell).cumsum(0)
+    empirical = (draws <= (g + cell / 2)[None]).double().mean(0)
+    assert math.sqrt(2 * n) * float((empirical - cdf).abs().max()) < 1.95
 
 
 def test_nfe_counters_and_adjoint_gradients():

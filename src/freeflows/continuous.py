@@ -135,9 +135,11 @@ class Dynamics(nn.Module):
         condition: Tensor | None = None,
         probe: Tensor | None = None,
         projector: Tensor | None = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         self.velocity = velocity
+        self.chunk_size = chunk_size
         self.state_shape = state_shape
         self.takes_c = takes_c
         self.counter = counter
@@ -187,7 +189,7 @@ class Dynamics(nn.Module):
             return out, out
 
         in_dims = (0, None if c is None else 0)
-        jac, f = vmap(jacrev(one, has_aux=True), in_dims=in_dims)(x, c)
+        jac, f = vmap(jacrev(one, has_aux=True), in_dims=in_dims, chunk_size=self.chunk_size)(x, c)
         if self.projector is None:
             trace = jac.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
             frobenius = jac.square().sum(dim=(-2, -1))
@@ -203,7 +205,11 @@ class Dynamics(nn.Module):
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             f = self.field(t, x, self.condition)
-            (e,) = torch.autograd.grad(f, x, self.probe, create_graph=keep_graph)
+            e = None
+            if f.requires_grad:
+                (e,) = torch.autograd.grad(f, x, self.probe, create_graph=keep_graph, allow_unused=True)
+            if e is None:  # the field does not depend on x
+                e = torch.zeros_like(x)
         trace = (e * self.probe).sum(dim=-1)  # vᵀ J v
         frobenius = e.square().sum(dim=-1)  # ‖vᵀ J‖², E = ‖Qᵀ J‖²_F
         if not keep_graph:
@@ -236,6 +242,8 @@ class CNF(nn.Module):
             ``log_prob`` is an **estimate** (a stochastic lower bound), not the exact density.
         condition_dim: number of condition features, or ``None`` for an unconditional flow.
         t1: end time :math:`t_1 > 0`.
+        chunk_size: rows per ``vmap`` call of the exact trace (bounds memory to
+            ``chunk * D`` reverse products at once); ``None`` does all rows at once.
     """
 
     def __init__(
@@ -254,9 +262,12 @@ class CNF(nn.Module):
         augment_dims: int = 0,
         condition_dim: int | None = None,
         t1: float = 1.0,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         _check_trace(trace)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if hutchinson not in HUTCHINSON_MODES:
             choices = ", ".join(HUTCHINSON_MODES)
             raise ValueError(f"unknown Hutchinson mode {hutchinson!r}; choose one of {choices}")
@@ -300,6 +311,7 @@ class CNF(nn.Module):
         self.augment_dims = augment_dims
         self.condition_dim = condition_dim
         self.t1 = float(t1)
+        self.chunk_size = chunk_size
         self.counter = NFECounter()
         self._takes_c = takes_c
         self._backward_mark = 0
@@ -403,7 +415,7 @@ class CNF(nn.Module):
             h = torch.cat([h, a], dim=1)
         basis, m = self._subspace()
         basis = None if basis is None else basis.to(h)
-        settings: dict = {"trace": trace, "condition": c}
+        settings: dict = {"trace": trace, "condition": c, "chunk_size": self.chunk_size}
         if trace == "exact":
             settings["projector"] = None if basis is None else basis @ basis.T
         else:

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "jacobian": 0.0,
     "augment_dims": 0,
     "t1": 1.0,
+    "chunk_size": None,
 }
 
 
@@ -43,7 +44,7 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
 
     Options (defaults in :data:`DEFAULTS`): ``hidden``, ``layers``, ``activation`` of the
     :class:`~freeflows.nets.velocity.TimeMLP`; ``trace``, ``hutchinson``, ``solver``, ``rtol``,
-    ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1`` of the CNF; ``kinetic`` and
+    ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1``, ``chunk_size`` of the CNF; ``kinetic`` and
     ``jacobian``, the RNODE weights :math:`\\lambda_K, \\lambda_J`.
     """
     unknown = sorted(set(options) - set(DEFAULTS))
@@ -75,6 +76,7 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
         augment_dims=opts["augment_dims"],
         condition_dim=condition_dim,
         t1=opts["t1"],
+        chunk_size=opts["chunk_size"],
     )
 
 
