@@ -435,7 +435,7 @@ class CNF(nn.Module):
             "kinetic": kinetic,
             "jacobian": jacobian,
             "a": a,
-            "nfe": torch.tensor(float(self.counter.forward - before)),
+            "nfe": torch.tensor(float(self.counter.forward - before), device=x.device),
         }
 
     def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
@@ -501,7 +501,7 @@ class CNF(nn.Module):
             "kinetic": out["kinetic"].mean().detach(),
             "jacobian": out["jacobian"].mean().detach(),
             "nfe_forward": out["nfe"],
-            "nfe_backward": torch.tensor(float(nfe_backward)),
+            "nfe_backward": torch.tensor(float(nfe_backward), device=x.device),
         }
         return Loss(value, parts)
 
