@@ -196,6 +196,28 @@ class FreeFormFlow(nn.Module):
             )
         return self.latent.log_prob(z) + log_det
 
+    def diagnostics(
+        self, x: Tensor, c: Tensor | None = None, log_prob: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Batch means of the reconstruction error and of the gap between the encoder- and
+        decoder-based log-densities (``log_prob_gap``). A growing gap means ``beta`` is too small.
+        Pass the decoder-based ``log_prob`` if it is already computed."""
+        c = self._inputs(x, c)
+        reconstruction = (x - self.decode(self.encode(x, c), c)).reshape(x.shape[0], -1).square().sum(1)
+        if log_prob is None:
+            log_prob = self.log_prob(x, c)
+        gap = (self.log_prob(x, c, variant="encoder") - log_prob).abs()
+        return {"reconstruction": reconstruction.mean().detach(), "log_prob_gap": gap.mean().detach()}
+
+    @property
+    def divergence_hint(self) -> str:
+        """What to try when training diverges, for the runner's message."""
+        return (
+            f"raise beta (now {self.beta:g}), e.g. --set model.fff.beta={max(2 * self.beta, 10):g}: a larger "
+            "reconstruction weight keeps the decoder close to the encoder's inverse, which the "
+            "surrogate gradient needs"
+        )
+
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass). With ``c`` of shape
         ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""

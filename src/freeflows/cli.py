@@ -1,0 +1,164 @@
+"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``.
+
+A user's mistake (unknown preset, bad ``--set``, missing run directory, corrupt checkpoint, bad
+data) ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freeflows", description="Free-form and classic normalizing flows.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a preset or a YAML config")
+    t.add_argument("config", nargs="?", help="preset name (see `freeflows presets`) or path to a YAML file")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.fff.beta=100 (repeatable)",
+    )
+    t.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--seed", type=int, help="shortcut for --set seed=N")
+    t.add_argument("--devices", type=int, help="processes/devices (trainer.devices)")
+    t.add_argument("--strategy", help="Lightning strategy, e.g. ddp (trainer.strategy)")
+    t.add_argument("--num-nodes", type=int, help="number of nodes (trainer.num_nodes)")
+    t.add_argument("--accelerator", help="cpu, gpu or auto (trainer.accelerator)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, default=10000, help="number of samples")
+    s.add_argument("-o", "--output", default="samples.npy", help="output .npy file")
+    s.add_argument("--condition", help="comma-separated condition vector for conditional models")
+    s.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("evaluate", help="recompute the test metrics of a trained run")
+    e.add_argument("run_dir")
+    e.add_argument("--no-plots", action="store_true")
+
+    sub.add_parser("presets", help="list the presets")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiments.config import load_config
+    from .runner.train import new_run_dir, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("seed", "seed"),
+        ("devices", "trainer.devices"),
+        ("strategy", "trainer.strategy"),
+        ("num_nodes", "trainer.num_nodes"),
+        ("accelerator", "trainer.accelerator"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg = load_config(str(run_dir / "config.yaml"), overrides)
+    else:
+        if not args.config:
+            raise ValueError(
+                "give a preset or YAML config to train (see `freeflows presets`), or --resume RUN_DIR"
+            )
+        cfg = load_config(args.config, overrides)
+        run_dir = new_run_dir(args.config, args.out)
+    out = train(cfg, run_dir, resume=bool(args.resume))
+    if out is None:  # a DDP worker process
+        return 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"\nrun directory: {out}")
+    for key in ("test_nll", "kl_to_truth", "test_reconstruction", "train_seconds", "n_params"):
+        if key in metrics:
+            print(
+                f"  {key}: {metrics[key]:.4g}"
+                if isinstance(metrics[key], float)
+                else f"  {key}: {metrics[key]}"
+            )
+    plots = ", ".join(metrics.get("plots", []))
+    print(f"  files: config.yaml, checkpoints/, metrics.json, metrics.csv, {plots}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .runner.train import load_run
+
+    if args.n < 1:
+        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    _, data, model = load_run(Path(args.run_dir))
+    c = None
+    if args.condition is not None:
+        try:
+            c = torch.tensor([float(v) for v in args.condition.split(",")])
+        except ValueError:
+            raise ValueError(f"--condition must be comma-separated numbers, got {args.condition!r}") from None
+    elif data.condition_dim is not None:
+        raise ValueError(f"this model is conditional: pass --condition with {data.condition_dim} numbers")
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        samples = model.sample(args.n, c)
+    out = Path(args.output)
+    np.save(out, samples.numpy())
+    print(f"wrote {args.n} samples of shape {tuple(samples.shape[1:])} to {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .runner.train import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), plot=not args.no_plots)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .experiments.config import list_presets
+
+    presets = list_presets()
+    width = max(map(len, presets), default=0)
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .runner.callbacks import CheckpointError, DivergenceError
+
+    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "presets": _presets}
+    try:
+        return handlers[args.command](args)
+    except DivergenceError as err:
+        print(f"freeflows: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"freeflows: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("freeflows: interrupted; continue with `freeflows train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Experiment configs: defaults, presets, ``--set`` overrides, validation.
+
+A config is a nested dict with the sections ``data``, ``model``, ``optim`` and ``trainer`` plus
+``seed`` and ``description``. Every valid key exists in :func:`default_config`; a preset (YAML)
+only changes values, and ``--set a.b.c=value`` overrides any single field. Unknown presets, keys
+and badly typed values raise :class:`ConfigError` listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a preset, a YAML file or an override."""
+
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+def default_config() -> dict[str, Any]:
+    """Every config key with its default value (model options for every model kind)."""
+    from .models import model_defaults
+
+    return {
+        "description": "",
+        "seed": 0,
+        "data": {"name": "two-moons", "n_train": 20000, "n_val": 2000, "n_test": 5000, "options": {}},
+        "model": {"kind": "fff", **model_defaults()},
+        "optim": {
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "schedule": "cosine",
+            "schedule_steps": None,
+            "warmup_steps": 0,
+            "grad_clip": 10.0,
+        },
+        "trainer": {
+            "max_steps": 2000,
+            "batch_size": 512,
+            "val_every_epochs": 5,
+            "val_batches": 4,
+            "val_batch_size": 1000,
+            "early_stopping_patience": None,
+            "max_nonfinite": 20,
+            "accelerator": "cpu",
+            "devices": 1,
+            "strategy": "auto",
+            "num_nodes": 1,
+            "progress_bar": True,
+            "deterministic": False,
+            "plot": True,
+        },
+    }
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("freeflows") / "presets"))
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    out = {}
+    for path in sorted(preset_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data else ""
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(map(str, base))}")
+        if isinstance(base[key], dict) and key != "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, f"{path}.")
+        else:
+            out[key] = _check_type(path, base[key], value)
+    return out
+
+
+def _check_type(path: str, default: Any, value: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if isinstance(default, (list, dict)) and not isinstance(value, type(default)):
+        raise ConfigError(f"{path} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def load_config(preset_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Resolve a preset name or a YAML path, apply ``key=value`` overrides, and validate."""
+    path = Path(preset_or_path)
+    if preset_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {preset_or_path!r} does not exist")
+        text = path.read_text()
+    else:
+        preset = preset_dir() / f"{preset_or_path}.yaml"
+        if not preset.is_file():
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}; available presets: {', '.join(list_presets())}"
+            )
+        text = preset.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {preset_or_path!r} as YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{preset_or_path!r} must hold a mapping of config sections")
+    cfg = _merge(default_config(), data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars (``1e-3``, ``true``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        update: dict[str, Any] = {}
+        node = update
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        cfg = _merge(cfg, update)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check values whose valid set is known (model kind, schedule, positive sizes)."""
+    from .models import MODEL_KINDS
+
+    kind = cfg["model"]["kind"]
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"unknown model.kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+    if cfg["optim"]["schedule"] not in SCHEDULES:
+        raise ConfigError(
+            f"unknown optim.schedule {cfg['optim']['schedule']!r}; choose one of {', '.join(SCHEDULES)}"
+        )
+    for section, key in [
+        ("trainer", "max_steps"),
+        ("trainer", "batch_size"),
+        ("trainer", "val_batch_size"),
+        ("trainer", "val_every_epochs"),
+        ("trainer", "devices"),
+        ("trainer", "num_nodes"),
+    ]:
+        if cfg[section][key] < 1:
+            raise ConfigError(f"{section}.{key} must be >= 1, got {cfg[section][key]}")
+    if cfg["optim"]["lr"] <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
+
+
+def save_config(cfg: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,97 @@
+"""Model kinds of the tool: name -> builder ``(event_shape, condition_dim, **options) -> model``.
+
+Every builder returns a model with the contract of :mod:`freeflows.contract`. The options of each
+kind, with their defaults, form the config section ``model.<kind>``; ``model.kind`` picks one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..distributions import StandardNormal
+from ..freeform import FreeFormFlow
+from ..models_classic import CLASSIC_BUILDERS
+from ..nets.resnet import ResNet
+
+FFF_DEFAULTS: dict[str, Any] = {
+    "beta": 50.0,
+    "hidden": 128,
+    "depth": 2,
+    "blocks": 3,
+    "hutchinson": "gaussian",
+    "hutchinson_samples": 1,
+}
+
+
+def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **options: Any) -> nn.Module:
+    """A free-form flow with residual-MLP encoder and decoder of the same size."""
+    unknown = sorted(set(options) - set(FFF_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for fff; valid: {', '.join(FFF_DEFAULTS)}")
+    o = {**FFF_DEFAULTS, **options}
+    if len(event_shape) != 1:
+        raise ValueError(f"the fff model works on vectors; got event shape {tuple(event_shape)}")
+    d, cdim = event_shape[0], condition_dim or 0
+
+    def net() -> ResNet:
+        return ResNet(d, o["hidden"], o["depth"], o["blocks"], condition_features=cdim)
+
+    return FreeFormFlow(
+        net(),
+        net(),
+        StandardNormal(d),
+        beta=o["beta"],
+        hutchinson=o["hutchinson"],
+        hutchinson_samples=o["hutchinson_samples"],
+        condition_dim=condition_dim,
+    )
+
+
+def _cnf_builder() -> tuple[Callable[..., nn.Module], dict[str, Any]]:
+    from ..models_cnf import CNF_BUILDERS, DEFAULTS
+
+    return CNF_BUILDERS["cnf"], dict(DEFAULTS)
+
+
+def _keyword_defaults(builder: Callable[..., nn.Module], cls_name: str) -> dict[str, Any]:
+    from .. import flows
+
+    params = inspect.signature(getattr(flows, cls_name).__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+_CLASSIC_CLASSES = {
+    "planar": "PlanarFlow",
+    "nice": "NICE",
+    "realnvp": "RealNVP",
+    "glow": "Glow",
+    "maf": "MAF",
+    "iaf": "IAF",
+}
+
+MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"fff": build_fff, **CLASSIC_BUILDERS}
+_cnf, _cnf_defaults = _cnf_builder()
+MODEL_KINDS["cnf"] = _cnf
+
+
+def model_defaults() -> dict[str, dict[str, Any]]:
+    """``{kind: {option: default}}`` for every model kind."""
+    out: dict[str, dict[str, Any]] = {"fff": dict(FFF_DEFAULTS)}
+    for kind, cls_name in _CLASSIC_CLASSES.items():
+        out[kind] = _keyword_defaults(CLASSIC_BUILDERS[kind], cls_name)
+    out["cnf"] = dict(_cnf_defaults)
+    return out
+
+
+def build_model(
+    model_cfg: dict[str, Any], event_shape: tuple[int, ...], condition_dim: int | None
+) -> nn.Module:
+    """Build the model that ``model_cfg['kind']`` names with its options ``model_cfg[kind]``."""
+    kind = model_cfg["kind"]
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+    return MODEL_KINDS[kind](tuple(event_shape), condition_dim, **model_cfg.get(kind, {}))

@@ -1,0 +1,153 @@
+"""The Lightning module that trains any model with the contract ``loss``/``log_prob``/``sample``.
+
+It knows nothing of the model's kind. Optional hooks a model may offer:
+
+* ``diagnostics(x, c, log_prob=...) -> dict`` of extra validation metrics (free-form flows
+  report ``reconstruction`` and ``log_prob_gap``);
+* ``divergence_hint`` (str): what to change when training diverges.
+
+Optimisation is manual so that a non-finite loss or gradient skips the batch on every rank
+(the decision is reduced across processes, so DDP ranks never disagree).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from .callbacks import DivergenceError
+from .data import unpack
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict[str, Any], max_steps: int):
+    """Per-step learning-rate schedule: ``constant``, ``cosine`` (to zero) or ``onecycle``, each
+    with an optional linear warm-up; ``schedule_steps`` defaults to ``trainer.max_steps``."""
+    total = optim_cfg.get("schedule_steps") or max_steps
+    warmup = optim_cfg.get("warmup_steps") or 0
+    kind = optim_cfg["schedule"]
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, optim_cfg["lr"], total_steps=total + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FlowModule(L.LightningModule):
+    def __init__(self, model: nn.Module, optim_cfg: dict[str, Any], max_steps: int, max_nonfinite: int = 20):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.max_steps = max_steps
+        self.max_nonfinite = max_nonfinite
+        self.automatic_optimization = False
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.train_seconds = 0.0
+        self._t0: float | None = None
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(
+            self.model.parameters(), lr=self.optim_cfg["lr"], weight_decay=self.optim_cfg["weight_decay"]
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {
+                "scheduler": make_scheduler(opt, self.optim_cfg, self.max_steps),
+                "interval": "step",
+            },
+        }
+
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(self.trainer.strategy.reduce(value, reduce_op="sum") > 0)
+
+    def _skip(self, what: str) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        rank_zero_warn(f"non-finite {what} at step {self.global_step}; batch skipped")
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            hint = getattr(self.model, "divergence_hint", None) or "lower optim.lr or optim.grad_clip"
+            raise DivergenceError(
+                f"training diverged: {self.nonfinite_in_a_row} batches in a row had a non-finite {what} "
+                f"(last at step {self.global_step}). The last good checkpoint is kept in checkpoints/. "
+                f"Likely fix: {hint}."
+            )
+
+    def training_step(self, batch, batch_idx):
+        x, c = unpack(batch)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        loss = self.model.loss(x, c)
+        if self._any_rank(not torch.isfinite(loss.value).item()):
+            self._skip("loss")
+            return None
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss.value)
+        grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.model.parameters())
+        if self._any_rank(not grads_ok):
+            opt.zero_grad(set_to_none=True)
+            self._skip("gradient")
+            return None
+        if self.optim_cfg.get("grad_clip"):
+            self.clip_gradients(
+                opt, gradient_clip_val=self.optim_cfg["grad_clip"], gradient_clip_algorithm="norm"
+            )
+        opt.step()
+        sched.step()
+        self.nonfinite_in_a_row = 0
+        self.log("loss", loss.value.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        for key, value in loss.parts.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
+        self.log("lr", sched.get_last_lr()[0], on_step=True, on_epoch=False)
+        return None
+
+    # -- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        x, c = unpack(batch)
+        with torch.enable_grad():
+            log_prob = self.model.log_prob(x, c).detach()
+            extra = {}
+            if hasattr(self.model, "diagnostics"):
+                extra = self.model.diagnostics(x, c, log_prob=log_prob)
+        self.log("val/nll", -log_prob.mean(), prog_bar=True, sync_dist=True)
+        for key, value in extra.items():
+            self.log(f"val/{key}", value, sync_dist=True)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        return self.train_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def on_train_end(self) -> None:
+        self.train_seconds = self._elapsed()
+        self._t0 = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["freeflows"] = {
+            "torch_rng": torch.get_rng_state(),
+            "train_seconds": self._elapsed(),
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("freeflows", {})
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))

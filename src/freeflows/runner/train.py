@@ -1,0 +1,216 @@
+"""Train, resume, load and evaluate runs. A run directory holds::
+
+config.yaml  checkpoints/{best,last}.ckpt  metrics.csv  metrics.json  *.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.base import DataSet
+from ..experiments.config import ConfigError, save_config
+from ..experiments.datasets import build_data
+from ..experiments.models import build_model
+from .callbacks import CheckpointError, read_checkpoint
+
+RUN_DIR_ENV = "FREEFLOWS_RUN_DIR"
+
+
+def new_run_dir(name: str, out: str | None) -> Path:
+    """``out`` if given, else ``runs/<name>-<timestamp>``; DDP workers reuse their parent's choice."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if out:
+        return Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(name).stem}-{stamp}"
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+
+
+def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
+    data = build_data(cfg["data"], cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], data.event_shape, data.condition_dim)
+    return data, model
+
+
+def train(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    callbacks: list | None = None,
+) -> Path | None:
+    """Train a model as ``cfg`` says, writing everything to ``run_dir``. Returns ``run_dir`` on
+    the main process (``None`` on other DDP ranks)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from ..metrics import evaluate_model
+    from .callbacks import AtomicCheckpointIO, CSVMetricsLogger
+    from .data import SplitDataModule
+    from .module import FlowModule
+
+    _quiet_lightning()
+    tr = cfg["trainer"]
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume_step = None
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(f"cannot resume: {last} does not exist")
+        resume_step = int(read_checkpoint(last).get("global_step", 0))
+    is_worker = bool(os.environ.get(RUN_DIR_ENV)) and int(os.environ.get("LOCAL_RANK", "0")) > 0
+    if not is_worker:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP worker processes
+    try:
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        data, model = build(cfg)
+        module = FlowModule(model, cfg["optim"], tr["max_steps"], tr["max_nonfinite"])
+        dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
+        cbs = [
+            ModelCheckpoint(
+                ckpt_dir, "best", monitor="val/nll", mode="min", save_top_k=1, enable_version_counter=False
+            ),
+            ModelCheckpoint(
+                ckpt_dir, "last", save_on_train_epoch_end=True, every_n_epochs=1, enable_version_counter=False
+            ),
+            *(callbacks or []),
+        ]
+        if tr["early_stopping_patience"]:
+            cbs.append(EarlyStopping("val/nll", patience=tr["early_stopping_patience"], mode="min"))
+        trainer = L.Trainer(
+            max_steps=tr["max_steps"],
+            max_epochs=-1,
+            accelerator=tr["accelerator"],
+            devices=tr["devices"],
+            strategy=tr["strategy"],
+            num_nodes=tr["num_nodes"],
+            check_val_every_n_epoch=tr["val_every_epochs"],
+            limit_val_batches=tr["val_batches"],
+            num_sanity_val_steps=0,
+            logger=CSVMetricsLogger(run_dir / "metrics.csv", resume_step),
+            callbacks=cbs,
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=tr["progress_bar"],
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            inference_mode=False,
+            log_every_n_steps=10,
+            deterministic=tr["deterministic"],
+            default_root_dir=str(run_dir),
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+        if not trainer.is_global_zero:
+            return None
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+
+    best = ckpt_dir / "best.ckpt"
+    if best.is_file():
+        load_weights(model, best)
+    metrics = evaluate_model(model, data)
+    metrics["train_seconds"] = module.train_seconds
+    metrics["steps"] = int(trainer.global_step)
+    metrics["nonfinite_batches_skipped"] = module.nonfinite_total
+    metrics["checkpoint"] = "best" if best.is_file() else "last (in memory)"
+    write_outputs(run_dir, model, data, metrics, plot=tr["plot"])
+    return run_dir
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    ckpt = read_checkpoint(path)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the model in config.yaml: {first}") from None
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
+    """Rebuild a run's config, data and model with its best (else last) weights."""
+    from ..experiments.config import _merge, default_config, validate
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a freeflows run directory?")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{cfg_path} is not valid YAML") from None
+    cfg = _merge(default_config(), raw)
+    validate(cfg)
+    data, model = build(cfg)
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file():
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+    load_weights(model, ckpt)
+    model.eval()
+    return cfg, data, model
+
+
+def write_outputs(
+    run_dir: Path, model: nn.Module, data: DataSet, metrics: dict[str, Any], plot: bool = True
+) -> None:
+    """metrics.json and the plots."""
+    if plot:
+        from .. import plots
+
+        with torch.no_grad():
+            samples = model.sample(min(5000, len(data.test)), None if data.test.c is None else data.test.c[0])
+        made = [
+            plots.plot_density(model, data, run_dir / "density.png"),
+            plots.plot_samples(samples, data, run_dir / "samples.png"),
+            plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png"),
+        ]
+        metrics["plots"] = [p.name for p in made if p is not None]
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+
+
+def evaluate_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
+    """Recompute a run's test metrics (and plots) from its checkpoint."""
+    from ..metrics import evaluate_model
+
+    _, data, model = load_run(run_dir)
+    t = time.perf_counter()
+    metrics = evaluate_model(model, data)
+    old = run_dir / "metrics.json"
+    if old.is_file():
+        try:
+            prior = json.loads(old.read_text())
+            for key in ("train_seconds", "steps", "nonfinite_batches_skipped"):
+                if key in prior:
+                    metrics[key] = prior[key]
+        except json.JSONDecodeError:
+            pass
+    metrics["evaluate_seconds"] = time.perf_counter() - t
+    write_outputs(Path(run_dir), model, data, metrics, plot=plot)
+    return metrics
