@@ -523,7 +523,7 @@ class CNF(nn.Module):
         return x[:, : self.dim].reshape(n, *self.event_shape)
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """The flow map data to latent, :math:`z = x(t_1)` (flat ``[B, D']``; no density)."""
+        """The flow map data to latent, :math:`z = x(t_1)`, shaped like ``x`` (no density)."""
         c = self._inputs(x, c)
         h = x.reshape(x.shape[0], -1)
         if self.augment_dims:
