@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..data.base import DataSet, Split
 
 
 def _tensors(split: Split) -> TensorDataset:
     return TensorDataset(split.x) if split.c is None else TensorDataset(split.x, split.c)
+
+
+class EpochShuffle(Sampler[int]):
+    """Shuffles with ``seed + epoch`` and keeps this rank's share (every ``world``-th index).
+
+    The epoch is read from ``epoch_fn`` when the first index is drawn, not when the iterator is
+    made, so a resumed run (whose loop state is restored after loaders are built) shuffles its
+    first epoch exactly as the uninterrupted run did.
+    """
+
+    def __init__(self, n: int, seed: int, epoch_fn: Callable[[], int], world: int = 1, rank: int = 0):
+        self.n, self.seed, self.epoch_fn, self.world, self.rank = n, seed, epoch_fn, world, rank
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch_fn())
+        perm = torch.randperm(self.n, generator=g)[: len(self) * self.world]
+        yield from perm[self.rank :: self.world].tolist()
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -26,9 +48,8 @@ class SplitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = _tensors(self.data.train)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(
-            ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-        )
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer else (lambda: 0)
+        sampler = EpochShuffle(len(ds), self.seed, epoch, world, rank)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -86,7 +86,7 @@ def train(
     try:
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         data, model = build(cfg)
-        module = FlowModule(model, cfg["optim"], tr["max_steps"], tr["max_nonfinite"])
+        module = FlowModule(model, cfg["optim"], tr["max_steps"], tr["max_nonfinite"], cfg["seed"])
         dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
         cbs = [
             ModelCheckpoint(
@@ -116,7 +116,9 @@ def train(
             enable_model_summary=False,
             use_distributed_sampler=False,
             inference_mode=False,
-            log_every_n_steps=10,
+            log_every_n_steps=max(
+                1, min(10, len(data.train) // (tr["batch_size"] * tr["devices"] * tr["num_nodes"]))
+            ),
             deterministic=tr["deterministic"],
             default_root_dir=str(run_dir),
         )
