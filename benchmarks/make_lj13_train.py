@@ -12,6 +12,11 @@ Procedure (the defaults made the committed file):
 * 40000 further steps, keeping every 2000th state: 20 states per chain, 20000 in all, stored
   chain-interleaved (row ``k * 1000 + c`` is the ``k``-th kept state of chain ``c``), float32.
 
+The committed run's summary is in ``benchmarks/results/lj13_mcmc.json``: mean energy -43.03
+(shipped file -43.00), energy std 6.91 (7.10), mean pair distance 1.6403 (1.6413),
+pair-distance histogram W1 0.0010 and TV 0.0063; acceptance 0.30; 1306 s wall on a loaded
+2-core machine.
+
 A pilot (200 chains) showed an energy autocorrelation of 0.29 at lag 1000 and 0.09 at lag 2000,
 and that the mean energy settles after about 8000 steps from the lattice.
 
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40000)
     parser.add_argument("--thin", type=int, default=2000)
     parser.add_argument("--out", default=str(FILES / "train_mcmc_LJ13.npy"))
+    parser.add_argument("--summary", default=None, help="also write the summary JSON to this path")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -93,6 +99,9 @@ def main() -> None:
         **compare(x, ref),
     }
     print(json.dumps(summary, indent=2))
+    if args.summary:
+        with open(args.summary, "w") as fh:
+            json.dump({**vars(args), **summary}, fh, indent=2)
 
 
 if __name__ == "__main__":
