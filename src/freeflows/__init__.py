@@ -1,11 +1,16 @@
 """freeflows: free-form flows and classic normalizing flows on PyTorch.
 
 The library (this package minus ``freeflows.runner``, ``freeflows.cli`` and the plotting and data
-helpers) needs only torch; ``freeflows.continuous`` also needs torchdiffeq.
+helpers) needs only torch; solving a :class:`CNF` also needs torchdiffeq, which is imported only
+when an ODE is solved.
+
+Direction convention: *forward* maps data to latent, *inverse* maps latent to data.
 """
 
+from .continuous import CNF
 from .contract import DensityModel, Loss
 from .distributions import MeanFreeNormal, StandardNormal
+from .flows import IAF, MAF, NICE, Flow, Glow, PlanarFlow, RealNVP
 from .freeform import FreeFormFlow
 from .hutchinson import hutchinson_vectors
 from .jacobian import batch_jacobian, log_abs_det, log_abs_det_jacobian
@@ -14,6 +19,14 @@ from .nets import ResNet
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNF",
+    "Flow",
+    "Glow",
+    "IAF",
+    "MAF",
+    "NICE",
+    "PlanarFlow",
+    "RealNVP",
     "DensityModel",
     "FreeFormFlow",
     "Loss",

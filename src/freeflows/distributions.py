@@ -104,6 +104,14 @@ class MeanFreeNormal(nn.Module):
         self.event_shape = (self.n_particles * self.n_dims,)
         self.register_buffer("basis", mean_free_basis(n_particles, n_dims).float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Rebuild the basis in the new dtype rather than casting float32 values, so that it stays
+        # orthonormal to working precision in float64.
+        super()._apply(fn, recurse)
+        exact = mean_free_basis(self.n_particles, self.n_dims)
+        self.basis = exact.to(device=self.basis.device, dtype=self.basis.dtype)
+        return self
+
     @property
     def dim(self) -> int:
         """Degrees of freedom of the support, :math:`(N-1)d`."""
