@@ -20,13 +20,18 @@ Two classifiers implement it:
 * ``"sklearn"`` (the default, the reference): scikit-learn's ``MLPClassifier`` with sbibm's
   settings, fold by fold. It matches ``sbibm.metrics.c2st`` exactly on the same seed, and takes
   from seconds to minutes for 10,000 against 10,000 samples.
-* ``"torch"`` (fast): the same network in torch, trained with large-batch Adam and early stopping
-  on a held-out tenth of each training fold. ``tests/test_sbi.py`` checks that it agrees with the
-  reference within 0.01 on pairs of sets that are equal, slightly shifted and clearly different.
+* ``"torch"``: the same network in torch, trained with large-batch Adam and early stopping on a
+  held-out tenth of each training fold. It is a *different, stronger* classifier, not a copy of
+  sbibm's: where sbibm's MLP is near Bayes-optimal the two agree (two_moons posteriors and 2-D
+  Gaussians, 5,000 to 10,000 samples a side: within 0.005, see ``tests/test_sbi.py``), but in
+  5-D sbibm's MLP under-fits, and the torch score was higher by 0.033 (10,000 a side, means 0.3
+  apart; Bayes accuracy 0.560, sbibm 0.532, torch 0.565), while taking 5 s instead of 120 s.
+  **Report sbibm-comparable numbers with the default;** use ``"torch"`` for quick checks only.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import numpy as np
@@ -127,12 +132,16 @@ def _train_classifier(
     labels: Tensor,
     generator: torch.Generator,
     batch_size: int = 1024,
-    lr: float = 1e-3,
-    max_epochs: int = 500,
-    patience: int = 20,
+    lr: float = 3e-3,
     weight_decay: float = 1e-4,
+    eval_every: int = 50,
+    patience: int = 10,
+    max_steps: int = 10000,
 ) -> _MLPClassifier:
-    """Adam on the binary cross-entropy, keeping the weights of the best held-out loss."""
+    """Adam on the binary cross-entropy; every ``eval_every`` steps the loss on a held-out tenth
+    is checked, training stops after ``patience`` checks without improvement, and the weights of
+    the best check are kept. Counting in steps, not epochs, keeps small sets from stopping early.
+    """
     n = data.shape[0]
     perm = torch.randperm(n, generator=generator)
     n_hold = max(1, n // 10)
@@ -142,25 +151,27 @@ def _train_classifier(
     model = _MLPClassifier(data.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
-    best, best_state, bad = float("inf"), None, 0
-    for _ in range(max_epochs):
-        order = torch.randperm(x_fit.shape[0], generator=generator)
-        for start in range(0, x_fit.shape[0], batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss_fn(model(x_fit[idx]), y_fit[idx]).backward()
-            optimizer.step()
-        with torch.no_grad():
-            held = loss_fn(model(x_hold), y_hold).item()
-        if held < best - 1e-4:
-            best, bad = held, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    batch_size = min(batch_size, x_fit.shape[0])
+    best, best_state, bad = float("inf"), copy.deepcopy(model.state_dict()), 0
+    order, position = torch.randperm(x_fit.shape[0], generator=generator), 0
+    for step in range(1, max_steps + 1):
+        if position + batch_size > x_fit.shape[0]:
+            order, position = torch.randperm(x_fit.shape[0], generator=generator), 0
+        idx = order[position : position + batch_size]
+        position += batch_size
+        optimizer.zero_grad()
+        loss_fn(model(x_fit[idx]), y_fit[idx]).backward()
+        optimizer.step()
+        if step % eval_every == 0:
+            with torch.no_grad():
+                held = loss_fn(model(x_hold), y_hold).item()
+            if held < best - 1e-4:
+                best, best_state, bad = held, copy.deepcopy(model.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    model.load_state_dict(best_state)
     return model
 
 
