@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", help="Lightning strategy, e.g. ddp (trainer.strategy)")
     t.add_argument("--num-nodes", type=int, help="number of nodes (trainer.num_nodes)")
     t.add_argument("--accelerator", help="cpu, gpu or auto (trainer.accelerator)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    t.add_argument("--threads", type=int, help="torch CPU threads per process (trainer.threads)")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
@@ -51,14 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
-
     from .experiments.config import load_config
     from .runner.train import new_run_dir, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
+    if args.threads:
+        overrides.append(f"trainer.threads={args.threads}")
     for flag, key in (
         ("seed", "seed"),
         ("devices", "trainer.devices"),

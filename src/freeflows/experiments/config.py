@@ -55,6 +55,7 @@ def default_config() -> dict[str, Any]:
             "progress_bar": True,
             "deterministic": False,
             "plot": True,
+            "threads": None,
         },
     }
 

@@ -70,6 +70,8 @@ def train(
 
     _quiet_lightning()
     tr = cfg["trainer"]
+    if tr["threads"]:
+        torch.set_num_threads(tr["threads"])
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
