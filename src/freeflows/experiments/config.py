@@ -9,6 +9,7 @@ and badly typed values raise :class:`ConfigError` listing the valid choices.
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 
 
 SCHEDULES = ("constant", "cosine", "onecycle")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def default_config() -> dict[str, Any]:
@@ -146,6 +148,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         update: dict[str, Any] = {}
         node = update
         parts = key.strip().split(".")
