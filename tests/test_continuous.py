@@ -425,3 +425,33 @@ def test_cnf_learns_two_moons_quickly():
     with torch.no_grad():
         after = float(-cnf.log_prob(test).mean())
     assert before - after > 0.3, (before, after)
+
+
+def test_training_tolerances_apply_to_loss_only():
+    """``train_rtol``/``train_atol`` set the tolerances of ``loss``; ``log_prob`` and ``sample``
+    keep ``rtol``/``atol``: the loose training solve takes fewer evaluations, and the default
+    (``None``) reuses the evaluation tolerances."""
+    x = torch.randn(64, 2, dtype=F64)
+    tight_tol = CNF(random_field(scale=2.0), StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
+    loose = CNF(
+        random_field(scale=2.0),
+        StandardNormal(2).double(),
+        rtol=1e-7,
+        atol=1e-7,
+        train_rtol=1e-2,
+        train_atol=1e-2,
+    )
+    assert (tight_tol.train_rtol, tight_tol.train_atol) == (1e-7, 1e-7)
+    with torch.no_grad():
+        tight_tol.loss(x)
+        loose.loss(x)
+    assert loose.nfe_forward < tight_tol.nfe_forward
+    tight_tol.reset_nfe()
+    loose.reset_nfe()
+    with torch.no_grad():
+        assert torch.equal(loose.log_prob(x), tight_tol.log_prob(x))
+    assert loose.nfe_forward == tight_tol.nfe_forward
+    with pytest.raises(ValueError, match="train_rtol must be a number > 0"):
+        CNF(random_field(), StandardNormal(2), train_rtol=0.0)
+    with pytest.raises(ValueError, match="train_atol must be a number > 0"):
+        CNF(random_field(), StandardNormal(2), train_atol="1e-3")
