@@ -11,6 +11,7 @@ from torch.func import jacrev
 
 from freeflows import FreeFormFlow, ResNet, StandardNormal
 from freeflows.distributions import LOG_TWO_PI
+from freeflows.hutchinson import HUTCHINSON_MODES
 
 D = 3
 
@@ -79,23 +80,39 @@ def _flat_grad(loss, params):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
-def _make(kind, mode, eps=0.0, beta=1.0, samples=1):
+def _make(kind, mode, eps=0.0, beta=1.0, samples=1, surrogate="vjp"):
     f = Affine() if kind == "affine" else SinhMap()
     g = AffineInverse(f, eps) if kind == "affine" else SinhInverse(f)
     return FreeFormFlow(
-        f, g, StandardNormal(D).double(), beta=beta, hutchinson=mode, hutchinson_samples=samples
+        f,
+        g,
+        StandardNormal(D).double(),
+        beta=beta,
+        hutchinson=mode,
+        hutchinson_samples=samples,
+        surrogate=surrogate,
     )
 
 
 X = torch.randn(4, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.7
 
 
-@pytest.mark.parametrize("kind", ["affine", "sinh"])
-@pytest.mark.parametrize("mode", ["gaussian", "rademacher", "sphere"])
-def test_surrogate_gradient_is_unbiased(kind, mode):
-    """With g = f^{-1}, E_v[grad of the loss] equals the gradient of the exact NLL."""
+# Every probe distribution with the default surrogate ("vjp"), and a covering subset with "jvp",
+# to keep the runtime modest; K = 2 checks the averaging over probes in both modes.
+UNBIASED_CASES = [(kind, mode, "vjp", 1) for kind in ("affine", "sinh") for mode in HUTCHINSON_MODES] + [
+    ("sinh", "gaussian", "jvp", 1),
+    ("affine", "rademacher", "jvp", 1),
+    ("sinh", "sphere", "jvp", 2),
+    ("sinh", "rademacher", "vjp", 2),
+]
+
+
+@pytest.mark.parametrize(("kind", "mode", "surrogate", "samples"), UNBIASED_CASES)
+def test_surrogate_gradient_is_unbiased(kind, mode, surrogate, samples):
+    """With g = f^{-1}, E_v[grad of the loss] equals the gradient of the exact NLL, for both ways
+    of computing the surrogate (J_g v forward + v^T J_f reverse, or v^T J_g reverse + J_f v forward)."""
     torch.manual_seed(0)
-    model = _make(kind, mode)
+    model = _make(kind, mode, surrogate=surrogate, samples=samples)
     params = list(model.encoder.parameters())
     exact = _flat_grad(-_exact_log_prob(model.encoder, X).mean(), params)
     draws = torch.stack([_flat_grad(model.loss(X).value, params) for _ in range(1500)])
@@ -139,6 +156,25 @@ def test_bias_grows_with_inverse_error():
     assert all(b2 > b1 for b1, b2 in zip(biases, biases[1:], strict=False))
     ratios = [b / e for b, e in zip(biases[1:], errors[1:], strict=True)]
     assert max(ratios) / min(ratios) < 1.5, ratios  # bias ~ proportional to the inverse error
+
+
+@pytest.mark.parametrize("k", [1, D])
+def test_surrogate_modes_agree_exactly_with_orthogonal_probes(k):
+    """With K = D orthogonal probes both surrogates give the exact trace, so for any g (here not
+    f^{-1}) both modes give the same gradient tr(J_g dJ_f); with K < D they share the loss value's
+    other terms and the same expectation (checked above)."""
+    grads = {}
+    for surrogate in ("jvp", "vjp"):
+        torch.manual_seed(0)
+        model = _make("affine", "sphere", eps=0.2, samples=k, surrogate=surrogate)
+        loss = model.loss(X)
+        grads[surrogate] = (loss, _flat_grad(loss.value, list(model.parameters())))
+    (loss_j, g_j), (loss_v, g_v) = grads["jvp"], grads["vjp"]
+    for key in ("nll", "reconstruction"):
+        torch.testing.assert_close(loss_j.parts[key], loss_v.parts[key], rtol=1e-12, atol=1e-12)
+    if k == D:
+        torch.testing.assert_close(g_j, g_v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(loss_j.value, loss_v.value, rtol=1e-10, atol=1e-10)
 
 
 def test_log_prob_is_exact_for_an_exact_inverse():
@@ -212,6 +248,8 @@ def test_bad_input_is_a_value_error():
         FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), beta=-1.0)
     with pytest.raises(ValueError, match="unknown Hutchinson mode"):
         FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), hutchinson="uniform")
+    with pytest.raises(ValueError, match="unknown surrogate"):
+        FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), surrogate="both")
     with pytest.raises(ValueError, match="exceeds the dimension"):
         FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), hutchinson="sphere", hutchinson_samples=D + 1)
     with pytest.raises(ValueError, match="keep the shape"):

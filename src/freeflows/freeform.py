@@ -15,13 +15,28 @@ Replace :math:`J_f^{-1}` by :math:`J_g(z)`, :math:`z = f(x)`, which equals it wh
    = \operatorname{tr}\!\left(\partial_\theta J_f\; J_g\right)
    = \partial_\theta \log\lvert\det J_f\rvert \quad \text{if } J_g = J_f^{-1},
 
-where sg stops gradients. :math:`J_g v` is **one forward-mode product** through the decoder (the
-same decoder pass also gives the reconstruction :math:`g(z)`), and :math:`v^\top J_f` is **one
-reverse-mode product** through the encoder whose graph is kept, so :math:`\mathcal S` can be
-backpropagated into :math:`f`. The value of :math:`\mathcal S` is *not* a log-determinant and is
-never reported as a likelihood. When :math:`J_g \neq J_f^{-1}` the gradient is biased by
+where sg stops gradients. The value of :math:`\mathcal S` is *not* a log-determinant and is never
+reported as a likelihood. When :math:`J_g \neq J_f^{-1}` the gradient is biased by
 :math:`\operatorname{tr}(\partial_\theta J_f\,(J_g - J_f^{-1}))`, which the reconstruction term
 keeps small.
+
+**Two ways to compute it** (``FreeFormFlow(surrogate=...)``); both are unbiased estimators of the
+same gradient, since for any matrices :math:`A, B` and :math:`\mathbb E[vv^\top] = I`,
+:math:`\mathbb E[v^\top A\, B v] = \operatorname{tr}(AB)`:
+
+* ``"vjp"`` (default, measured faster on CPU; ``benchmarks/surrogate_modes.py``): the transposed
+  estimator :math:`\mathcal S = \mathrm{sg}(v^\top J_g(z))\; J_f(x)\, v`, with
+  :math:`\partial_\theta \mathbb E_v[\mathcal S] = \mathbb E_v[v^\top J_g\, \partial_\theta J_f\, v]
+  = \operatorname{tr}(J_g\, \partial_\theta J_f) = \operatorname{tr}(\partial_\theta J_f\, J_g)`,
+  the same as above. :math:`J_f v` comes out of the encoder's forward pass as a forward-mode tangent
+  (one dual pass gives :math:`z` and :math:`J_f v`), and that tangent is an ordinary
+  differentiable function of the encoder's parameters, so the loss needs only a *first-order*
+  backward pass. :math:`v^\top J_g` is one reverse-mode product through the decoder's graph, which
+  the reconstruction term needs anyway.
+* ``"jvp"``: :math:`\mathcal S = v^\top J_f(x)\; \mathrm{sg}(J_g(z) v)` as written first.
+  :math:`J_g v` is one forward-mode product through the decoder (the same pass gives
+  :math:`g(z)`), and :math:`v^\top J_f` one reverse-mode product through the encoder whose graph is
+  kept (``create_graph``), so the loss's backward pass is a double backward through the encoder.
 
 **The loss** per sample, minimised in expectation over the data:
 
@@ -49,6 +64,9 @@ from .contract import Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
 from .jacobian import JacobianMode, log_abs_det_jacobian
 
+SurrogateMode = Literal["jvp", "vjp"]
+SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
+
 #: Upper bound on Jacobian elements held at once by ``log_prob`` (``chunk * D * D``).
 JACOBIAN_ELEMENTS = 2**24
 
@@ -67,6 +85,11 @@ class FreeFormFlow(nn.Module):
         condition_dim: number of condition features, or ``None`` for an unconditional flow.
             Conditions go to both networks (see :mod:`freeflows.conditioning`).
         jacobian_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` products for ``log_prob``.
+        surrogate: how the surrogate is estimated (see the module docstring): ``"vjp"``
+            (default, faster) takes :math:`v^\top J_g` by reverse mode through the decoder and
+            :math:`J_f v` by forward mode through the encoder; ``"jvp"`` takes :math:`J_g v` by
+            forward mode through the decoder and :math:`v^\top J_f` by reverse mode through the
+            encoder, with a double backward pass.
     """
 
     def __init__(
@@ -79,6 +102,7 @@ class FreeFormFlow(nn.Module):
         hutchinson_samples: int = 1,
         condition_dim: int | None = None,
         jacobian_mode: JacobianMode = "auto",
+        surrogate: SurrogateMode = "vjp",
     ):
         super().__init__()
         if not isinstance(beta, (int, float)) or not beta >= 0:
@@ -87,6 +111,8 @@ class FreeFormFlow(nn.Module):
             raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
         if jacobian_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jacobian_mode {jacobian_mode!r}; choose auto, forward or reverse")
+        if surrogate not in SURROGATE_MODES:
+            raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATE_MODES)}")
         self.encoder = encoder
         self.decoder = decoder
         self.latent = latent
@@ -98,6 +124,7 @@ class FreeFormFlow(nn.Module):
         self.hutchinson_samples = hutchinson_samples
         self.condition_dim = condition_dim
         self.jacobian_mode: JacobianMode = jacobian_mode
+        self.surrogate: SurrogateMode = surrogate
         self._encoder_takes_c = accepts_condition(encoder)
         self._decoder_takes_c = accepts_condition(decoder)
 
@@ -129,9 +156,7 @@ class FreeFormFlow(nn.Module):
         are batch means, detached.
         """
         c = self._inputs(x, c)
-        x = x.detach().requires_grad_(True)
         batch, k = x.shape[0], self.hutchinson_samples
-        z = self.encode(x, c)
         v = hutchinson_vectors(
             k,
             batch,
@@ -140,27 +165,54 @@ class FreeFormFlow(nn.Module):
             basis=getattr(self.latent, "basis", None),
             device=x.device,
             dtype=x.dtype,
-        ).reshape(k, *x.shape)
+        ).reshape(k * batch, *x.shape[1:])
+        with torch.enable_grad():
+            if self.surrogate == "vjp":
+                z, x_hat, surrogate = self._surrogate_vjp(x.detach(), c, v, k)
+            else:
+                z, x_hat, surrogate = self._surrogate_jvp(x.detach(), c, v, k)
+            nll = -self.latent.log_prob(z)
+            reconstruction = (x - x_hat).reshape(batch, -1).square().sum(dim=1)
+            value = (nll - surrogate + self.beta * reconstruction).mean()
+        return Loss(value, {"nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()})
 
+    @staticmethod
+    def _repeat(t: Tensor | None, k: int) -> Tensor | None:
+        return t if (t is None or k == 1) else t.repeat(k, *([1] * (t.dim() - 1)))
+
+    def _surrogate_jvp(self, x: Tensor, c: Tensor | None, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        r""":math:`v^\top J_f\,\mathrm{sg}(J_g v)`: forward mode through g, reverse with graph through f."""
+        batch = x.shape[0]
+        x = x.requires_grad_(True)
+        z = self.encode(x, c)
         # One decoder pass gives g(z) (graph kept, for the reconstruction) and J_g(z) v (tangent).
-        z_in = z if k == 1 else z.repeat(k, *([1] * (z.dim() - 1)))
-        c_in = c if (c is None or k == 1) else c.repeat(k, 1)
         with fwAD.dual_level():
-            out = self.decode(fwAD.make_dual(z_in, v.reshape(k * batch, *x.shape[1:])), c_in)
+            out = self.decode(fwAD.make_dual(self._repeat(z, k), v), self._repeat(c, k))
             x_hat, jgv = fwAD.unpack_dual(out)
         x_hat = x_hat[:batch]
-        jgv = jgv.detach().reshape(k, *x.shape)
-
+        jgv = jgv.detach()
         surrogate = torch.zeros(batch, device=x.device, dtype=x.dtype)
+        vs, ws = v.reshape(k, *x.shape), jgv.reshape(k, *x.shape)
         for i in range(k):
-            (vjf,) = torch.autograd.grad(z, x, v[i], create_graph=True)
-            surrogate = surrogate + (vjf * jgv[i]).reshape(batch, -1).sum(dim=1)
-        surrogate = surrogate / k
+            (vjf,) = torch.autograd.grad(z, x, vs[i], create_graph=True)
+            surrogate = surrogate + (vjf * ws[i]).reshape(batch, -1).sum(dim=1)
+        return z, x_hat, surrogate / k
 
-        nll = -self.latent.log_prob(z)
-        reconstruction = (x - x_hat).reshape(batch, -1).square().sum(dim=1)
-        value = (nll - surrogate + self.beta * reconstruction).mean()
-        return Loss(value, {"nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()})
+    def _surrogate_vjp(self, x: Tensor, c: Tensor | None, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        r""":math:`\mathrm{sg}(v^\top J_g)\, J_f v`: reverse mode through g, forward mode through f.
+
+        One dual encoder pass gives z = f(x) and the tangent J_f(x) v; that tangent is an ordinary
+        differentiable function of the encoder's parameters (reverse-over-forward), so the loss
+        needs only a first-order backward pass, no double backward."""
+        batch = x.shape[0]
+        with fwAD.dual_level():
+            out = self.encode(fwAD.make_dual(self._repeat(x, k), v), self._repeat(c, k))
+            z_all, jfv = fwAD.unpack_dual(out)
+        x_hat_all = self.decode(z_all, self._repeat(c, k))
+        # v^T J_g(z): the decoder's graph is kept for the reconstruction's backward pass.
+        (vjg,) = torch.autograd.grad(x_hat_all, z_all, v, retain_graph=True)
+        surrogate = (vjg.detach() * jfv).reshape(k, batch, -1).sum(dim=(0, 2)) / k
+        return z_all[:batch], x_hat_all[:batch], surrogate
 
     def log_prob(
         self,
