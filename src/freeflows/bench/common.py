@@ -1,0 +1,105 @@
+"""Shared helpers of the speed benchmarks: interleaved timing, medians, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def setup(threads: int = 1) -> None:
+    """All figures are single-threaded: ``torch.set_num_threads(threads)``."""
+    torch.set_num_threads(threads)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on, including the load average at call time."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
+    """Time every variant once per repeat, in a shuffled order per repeat, so that load noise hits
+    all variants alike; returns seconds per call ``{name: [repeats]}``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rng = random.Random(seed)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> float:
+    """Half the interquartile range relative to the median (a robust noise figure)."""
+    if len(xs) < 4:
+        return float("nan")
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / 2 / statistics.median(xs)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over repeats of the per-repeat ratio: both variants ran in the same repeat, close
+    in time, so the ratio cancels most of the slow drift of the load."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def write(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    return payload
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    if x != x:  # nan
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
+
+
+def main(run: Callable[..., dict[str, Any]], doc: str) -> None:
+    """The ``__main__`` of a benchmark module: ``--out DIR --quick``."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="few repeats and sizes, for a smoke run")
+    args = p.parse_args()
+    result = run(args.out, quick=args.quick)
+    print(result.get("markdown", json.dumps(result, indent=2)))

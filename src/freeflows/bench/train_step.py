@@ -1,0 +1,168 @@
+"""Training-step cost vs dimension: free-form vs exact maximum likelihood vs autoencoder.
+
+Same residual encoder/decoder for every variant (``ResNet(D, max(64, D), depth=2, blocks=2)``),
+batch 256, one Adam step each, single thread. Times are medians over repeats in which the variants
+run interleaved (shuffled order per repeat); ratios are medians of per-repeat ratios. Peak memory
+is the peak of live torch CPU allocations during one step above those live at its start, from
+torch.profiler's memory timeline.
+
+    python benchmarks/train_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import common
+from .nets import BATCH, exact_batch, hidden, train_step
+
+NAME = "train_step"
+VARIANTS = ("fff", "fff_jvp", "exact", "ae")
+DIMS = (2, 8, 32, 128, 512)
+REPEATS = {2: 40, 8: 40, 32: 25, 128: 12, 512: 5}
+
+
+def peak_memory(variant: str, dim: int, batch: int) -> float:
+    """Peak of the live torch CPU allocations during one step, above those live when it starts
+    (MiB), from torch.profiler's memory timeline (``profile_memory=True``)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    step = train_step(variant, dim, batch)
+    step()  # Adam's state exists from here on, as in training
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(s) for s in sizes]
+    return (max(totals) - totals[0]) / 2**20
+
+
+def op_counts(dim: int, steps: int = 3) -> dict[str, Any]:
+    """Operator calls per step (exact, from torch.profiler) and the top self-CPU operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, Any] = {}
+    for variant in ("fff", "fff_jvp", "ae"):
+        step = train_step(variant, dim)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        events = prof.key_averages()
+        aten = [e for e in events if e.key.startswith("aten::")]
+        top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+        total = sum(e.self_cpu_time_total for e in aten) or 1.0
+        out[variant] = {
+            "aten_calls_per_step": sum(e.count for e in aten) / steps,
+            "top_self_cpu": [
+                {
+                    "op": e.key,
+                    "calls_per_step": e.count / steps,
+                    "share": round(e.self_cpu_time_total / total, 3),
+                }
+                for e in top
+            ],
+        }
+    return out
+
+
+def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
+    common.setup()
+    env_start = common.environment()
+    dims = (2, 32) if quick else DIMS
+    rows = []
+    for dim in dims:
+        repeats = 4 if quick else REPEATS[dim]
+        eb = exact_batch(dim)
+        steps = {v: train_step(v, dim, eb if v == "exact" else BATCH) for v in VARIANTS}
+        times = common.interleaved(steps, repeats, warmup=1)
+        scale = {v: (BATCH / eb if v == "exact" else 1.0) for v in VARIANTS}
+        t = {v: [s * scale[v] for s in times[v]] for v in VARIANTS}
+        row: dict[str, Any] = {
+            "D": dim,
+            "hidden": hidden(dim),
+            "repeats": repeats,
+            "exact_batch": eb,
+            "ms": {v: 1e3 * common.median(t[v]) for v in VARIANTS},
+            "spread": {v: common.spread(t[v]) for v in VARIANTS},
+            "exact_over_fff": common.paired_ratio(t["exact"], t["fff"]),
+            "fff_over_ae": common.paired_ratio(t["fff"], t["ae"]),
+            "fff_jvp_over_ae": common.paired_ratio(t["fff_jvp"], t["ae"]),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        }
+        row["peak_step_memory_mib"] = {
+            v: peak_memory(v, dim, eb if v == "exact" else BATCH) for v in VARIANTS
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    profile = {str(d): op_counts(d) for d in ((2,) if quick else (2, 128))}
+    payload = {
+        "benchmark": NAME,
+        "quick": quick,
+        "batch": BATCH,
+        "networks": "encoder and decoder ResNet(D, hidden=max(64, D), depth=2, blocks=2), SiLU",
+        "optimizer": "torch.optim.Adam defaults, lr 1e-4; the step includes zero_grad, loss, backward, step",
+        "exact": f"vmap(jacfwd) full Jacobian + slogdet; above {2**14} tangent rows it runs on "
+        "fewer samples (exact_batch) and its time is scaled to the batch",
+        "memory": "peak of live torch CPU allocations during one step above those live at its start "
+        "(torch.profiler memory timeline, profile_memory=True); MiB",
+        "environment_start": env_start,
+        "environment_end": common.environment(),
+        "rows": rows,
+        "op_profile": profile,
+    }
+    payload["markdown"] = markdown(payload)
+    return common.write(out_dir, NAME, payload, payload["markdown"])
+
+
+def markdown(p: dict[str, Any]) -> str:
+    f = common.fmt
+    head = [
+        "D",
+        "hidden",
+        "(a) fff [ms]",
+        "(a') fff jvp [ms]",
+        "(b) exact [ms]",
+        "(c) AE [ms]",
+        "(b)/(a)",
+        "(a)/(c)",
+        "(a')/(c)",
+        "peak step memory a / a' / b / c [MiB]",
+    ]
+    rows = []
+    for r in p["rows"]:
+        ms, mem = r["ms"], r["peak_step_memory_mib"]
+        exact = f(ms["exact"]) + (
+            "" if r["exact_batch"] == p["batch"] else f" (batch {r['exact_batch']}, scaled)"
+        )
+        rows.append(
+            [
+                r["D"],
+                r["hidden"],
+                f(ms["fff"]),
+                f(ms["fff_jvp"]),
+                exact,
+                f(ms["ae"]),
+                f(r["exact_over_fff"]),
+                f(r["fff_over_ae"]),
+                f(r["fff_jvp_over_ae"]),
+                " / ".join(f(mem[v]) for v in ("fff", "fff_jvp", "exact", "ae")),
+            ]
+        )
+    e0, e1 = p["environment_start"], p["environment_end"]
+    note = (
+        f"Batch {p['batch']}, torch {e0['torch']}, `torch.set_num_threads(1)`, {e0['cpu_count']} CPUs, "
+        f"load average {e0['loadavg'][0]} at start, {e1['loadavg'][0]} at end (shared machine). "
+        "(a) FreeFormFlow.loss with the default `vjp` surrogate, (a') with `jvp`, (b) exact ML with "
+        "the full Jacobian, (c) reconstruction only; each is one Adam step. Medians over repeats, "
+        "variants interleaved; ratios are medians of per-repeat ratios."
+    )
+    return f"### Training step cost vs D\n\n{note}\n\n" + common.table(head, rows)
+
+
+if __name__ == "__main__":
+    common.main(run, __doc__)
