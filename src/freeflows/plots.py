@@ -57,8 +57,15 @@ def plot_density(model: nn.Module, data: DataSet, path: Path, grid: int = 160) -
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
         axes[0].hist2d(x[:, 0], x[:, 1], bins=grid // 2, range=[[xlo, xhi], [ylo, yhi]], cmap="viridis")
         axes[0].set_title("data (test split)")
-        axes[1].imshow(q, origin="lower", extent=(xlo, xhi, ylo, yhi), cmap="viridis", aspect="auto")
-        axes[1].set_title("model density (exact log_prob)")
+        # Cap the colour scale: a free-form decoder can have isolated near-singular points whose
+        # density spikes would otherwise wash out the picture.
+        vmax = float(np.quantile(q, 0.995))
+        axes[1].imshow(
+            q, origin="lower", extent=(xlo, xhi, ylo, yhi), cmap="viridis", aspect="auto", vmax=vmax
+        )
+        axes[1].set_title(
+            f"model density (exact log_prob; max {q.max():.3g}, colour capped at {vmax:.3g})", fontsize=9
+        )
         for ax in axes:
             ax.set_xlim(xlo, xhi)
             ax.set_ylim(ylo, yhi)
