@@ -15,11 +15,15 @@ Measured, with ``torch.set_num_threads(1)`` and without gradients:
 
 * **samples per second**: ``model.sample(--batch)``; ``--repeats`` rounds, each timing every model
   once in a rotated order (so that load on a shared machine hits all models alike); the median
-  over rounds is reported, with the min and max;
+  over rounds is reported, with the min and max. The FFF speed-up is the ratio of medians and,
+  less sensitive to load that changes between rounds, the median over rounds of the per-round
+  ratio of times ("paired", with its interquartile range);
 * **NFE per sample**: for the CNFs, the function evaluations of one sampling solve (``nfe_sample``
   after ``reset_nfe``; each evaluation acts on the whole batch, so this is also the number of
   network passes that each sample needs); for the free-form flow, 1 decoder pass;
-* **test NLL**: the exact test NLL of each run's ``metrics.json`` (same 5000 test points).
+* **test NLL**: the exact test NLL of each run's ``metrics.json``. The script checks that all
+  runs share the test set (the toy splits depend only on the seed and their own size); when it
+  trains, all three also share the training set (the data section of ``cnf-two-moons``).
 
 Writes ``benchmarks/results/sampling_speed.json`` and ``.md``::
 
@@ -52,12 +56,16 @@ SAMPLE_TOL = 1e-5
 
 
 def get_runs(args: argparse.Namespace) -> dict[str, Path]:
+    """Train the three presets through the runner, all on the data section of ``cnf-two-moons``
+    (the ``two-moons`` preset for the free-form flow may ask for a larger training set)."""
     if args.reuse:
         return dict(zip(MODELS, map(Path, args.reuse), strict=True))
+    data = load_config(MODELS["cnf"], args.set)["data"]
+    same_data = [f"data.{k}={data[k]}" for k in ("name", "n_train", "n_val", "n_test")]
     runs = {}
     for key, preset in MODELS.items():
-        overrides = [f"seed={args.seed}", "trainer.threads=1", "trainer.progress_bar=false", *args.set]
-        cfg = load_config(preset, overrides)
+        overrides = [f"seed={args.seed}", "trainer.threads=1", "trainer.progress_bar=false", *same_data]
+        cfg = load_config(preset, [*overrides, *args.set])
         run_dir = Path(args.runs) / key
         print(f"training {key} ({preset}) -> {run_dir}", flush=True)
         train(cfg, run_dir)
@@ -70,7 +78,8 @@ def load_models(runs: dict[str, Path]) -> tuple[dict, dict]:
     data_cfgs = {}
     for key, run_dir in runs.items():
         cfg, _, model = load_run(run_dir)
-        data_cfgs[key] = (cfg["data"], cfg["seed"])
+        test_set = {k: cfg["data"][k] for k in ("name", "n_test")}
+        data_cfgs[key] = (test_set, cfg["seed"])
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if cfg["model"]["kind"] == "cnf":
             model.rtol = model.atol = SAMPLE_TOL
@@ -78,6 +87,8 @@ def load_models(runs: dict[str, Path]) -> tuple[dict, dict]:
         info[key] = {
             "run_dir": str(run_dir),
             "kind": cfg["model"]["kind"],
+            "data": cfg["data"],
+            "seed": cfg["seed"],
             "model_options": cfg["model"][cfg["model"]["kind"]],
             "steps": metrics.get("steps"),
             "train_seconds": metrics.get("train_seconds"),
@@ -87,7 +98,7 @@ def load_models(runs: dict[str, Path]) -> tuple[dict, dict]:
         }
     first = next(iter(data_cfgs.values()))
     if any(v != first for v in data_cfgs.values()):
-        raise SystemExit(f"the runs were not trained on the same data: {data_cfgs}")
+        raise SystemExit(f"the runs do not share a test set (data name, n_test, seed): {data_cfgs}")
     return models, info
 
 
@@ -116,6 +127,11 @@ def time_sampling(models: dict, batch: int, repeats: int, seed: int) -> dict[str
     return times
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def markdown(result: dict) -> str:
     rows = result["models"]
     lines = [
@@ -123,15 +139,16 @@ def markdown(result: dict) -> str:
         f"median of {result['repeats']} interleaved repeats.",
         "",
         "| model | test NLL (nats) | train steps | train s | samples / s (median) | min–max | "
-        "NFE / sample | FFF speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "NFE / sample | FFF speed-up | paired speed-up (IQR) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in rows.items():
         lines.append(
             f"| {LABELS[key]} | {row['test_nll']:.3f} ± {row['test_nll_stderr']:.3f} | {row['steps']} | "
             f"{row['train_seconds']:.0f} | {row['samples_per_second']:.0f} | "
             f"{row['samples_per_second_min']:.0f}–{row['samples_per_second_max']:.0f} | "
-            f"{row['nfe_per_sample']} | {row['fff_speedup']:.1f}× |"
+            f"{row['nfe_per_sample']} | {row['fff_speedup']:.1f}× | {row['fff_speedup_paired']:.1f}× "
+            f"({row['fff_speedup_paired_quartiles'][0]:.1f}–{row['fff_speedup_paired_quartiles'][1]:.1f}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -142,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", default="runs/sampling-speed", help="where to train when not reusing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--batch", type=int, default=10000)
+    p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--name", default="sampling_speed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,6 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
             seconds=times[key],
             nfe_per_sample=nfe[key],
             fff_speedup=fff_rate / rate,
+            fff_speedup_paired=statistics.median(
+                t / f for t, f in zip(times[key], times["fff"], strict=True)
+            ),
+            fff_speedup_paired_quartiles=_quartiles(
+                [t / f for t, f in zip(times[key], times["fff"], strict=True)]
+            ),
         )
     result = {
         "benchmark": "sampling speed, two moons",
