@@ -55,7 +55,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from .checks import check_condition, check_data, numel
@@ -63,6 +62,7 @@ from .conditioning import accepts_condition, call_with_condition
 from .contract import Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
 from .jacobian import JacobianMode, log_abs_det_jacobian
+from .tangents import dual_forward
 
 SurrogateMode = Literal["jvp", "vjp"]
 SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
@@ -132,16 +132,21 @@ class FreeFormFlow(nn.Module):
     def encode(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """:math:`z = f(x)` (data to latent)."""
         z = call_with_condition(self.encoder, x, c, self._encoder_takes_c)
-        if z.shape != x.shape:
-            raise ValueError(f"the encoder maps {tuple(x.shape)} to {tuple(z.shape)}; it must keep the shape")
+        self._check_shape("encoder", x, z)
         return z
 
     def decode(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         """:math:`x = g(z)` (latent to data)."""
         x = call_with_condition(self.decoder, z, c, self._decoder_takes_c)
-        if x.shape != z.shape:
-            raise ValueError(f"the decoder maps {tuple(z.shape)} to {tuple(x.shape)}; it must keep the shape")
+        self._check_shape("decoder", z, x)
         return x
+
+    @staticmethod
+    def _check_shape(name: str, inp: Tensor, out: Tensor) -> None:
+        if out.shape != inp.shape:
+            raise ValueError(
+                f"the {name} maps {tuple(inp.shape)} to {tuple(out.shape)}; it must keep the shape"
+            )
 
     def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
         check_data(x, self.event_shape)
@@ -186,9 +191,9 @@ class FreeFormFlow(nn.Module):
         x = x.requires_grad_(True)
         z = self.encode(x, c)
         # One decoder pass gives g(z) (graph kept, for the reconstruction) and J_g(z) v (tangent).
-        with fwAD.dual_level():
-            out = self.decode(fwAD.make_dual(self._repeat(z, k), v), self._repeat(c, k))
-            x_hat, jgv = fwAD.unpack_dual(out)
+        z_in = self._repeat(z, k)
+        x_hat, jgv = dual_forward(self.decoder, z_in, v, self._repeat(c, k), self._decoder_takes_c)
+        self._check_shape("decoder", z_in, x_hat)
         x_hat = x_hat[:batch]
         jgv = jgv.detach()
         surrogate = torch.zeros(batch, device=x.device, dtype=x.dtype)
@@ -205,9 +210,10 @@ class FreeFormFlow(nn.Module):
         differentiable function of the encoder's parameters (reverse-over-forward), so the loss
         needs only a first-order backward pass, no double backward."""
         batch = x.shape[0]
-        with fwAD.dual_level():
-            out = self.encode(fwAD.make_dual(self._repeat(x, k), v), self._repeat(c, k))
-            z_all, jfv = fwAD.unpack_dual(out)
+        z_all, jfv = dual_forward(
+            self.encoder, self._repeat(x, k), v, self._repeat(c, k), self._encoder_takes_c
+        )
+        self._check_shape("encoder", v, z_all)
         x_hat_all = self.decode(z_all, self._repeat(c, k))
         # v^T J_g(z): the decoder's graph is kept for the reconstruction's backward pass.
         (vjg,) = torch.autograd.grad(x_hat_all, z_all, v, retain_graph=True)

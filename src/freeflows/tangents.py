@@ -1,0 +1,119 @@
+r"""A network's output and a forward-mode tangent in one pass, differentiable in its parameters.
+
+:func:`dual_forward` returns :math:`(f(x),\ J_f(x)\,t)`. Both are ordinary autograd tensors, so
+the tangent can be backpropagated into the parameters of :math:`f` with a first-order backward
+pass (reverse-over-forward); the free-form surrogate needs exactly this (see
+:mod:`freeflows.freeform`).
+
+:mod:`torch.autograd.forward_ad` gives it for any module, but on CPU its per-operator
+bookkeeping (dual tensors, zero tangents of the parameters, the composite double-backward
+formulas of the activations) costs more than the arithmetic for small networks: measured, it
+made the free-form step ~2.3-2.9x an autoencoder step instead of ~1.4-1.6x
+(``benchmarks/surrogate_modes.py``). So the building blocks of the networks in
+:mod:`freeflows.nets` are written out with plain operators, with the same arithmetic:
+
+* ``nn.Linear``: :math:`y = Wx + b`, :math:`\dot y = W\dot x`;
+* ``nn.SiLU``: :math:`s = \sigma(x)`, :math:`y = xs`, :math:`\dot y = \dot x\,(s + y(1-s))`;
+* ``nn.Tanh``: :math:`\dot y = \dot x\,(1 - y^2)`; ``nn.Identity``;
+* ``nn.Sequential``, :class:`~freeflows.nets.resnet.ResidualBlock`,
+  :class:`~freeflows.nets.ResNet` (a condition has zero tangent).
+
+Modules are matched by exact type (a subclass may override ``forward``); any other module, at any
+depth, goes through :mod:`torch.autograd.forward_ad`, so every network works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nets.resnet import ResidualBlock, ResNet
+
+Dual = tuple[Tensor, Tensor]
+
+
+def _generic(module: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    with fwAD.dual_level():
+        out = module(fwAD.make_dual(x, t)) if c is None else module(fwAD.make_dual(x, t), c)
+        y, ty = fwAD.unpack_dual(out)
+    if ty is None:  # the output does not depend on x
+        ty = torch.zeros_like(y)
+    return y, ty
+
+
+def _linear(m: nn.Linear, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    return F.linear(x, m.weight, m.bias), F.linear(t, m.weight)
+
+
+def _silu(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    s = torch.sigmoid(x)
+    y = x * s
+    return y, t * torch.addcmul(s, y, 1 - s)
+
+
+def _tanh(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    y = torch.tanh(x)
+    return y, t * (1 - y * y)
+
+
+def _identity(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    return x, t
+
+
+def _sequential(m: nn.Sequential, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    for layer in m:
+        x, t = _dual(layer, x, t, None)
+    return x, t
+
+
+def _residual_block(m: ResidualBlock, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    if c is None:
+        r, tr = _dual(m.branch, x, t, None)
+    else:
+        r, tr = _dual(m.branch, torch.cat([x, c], dim=-1), torch.cat([t, torch.zeros_like(c)], dim=-1), None)
+    return x + r, t + tr
+
+
+def _resnet(m: ResNet, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    if (c is None) != (m.condition_features == 0) or x.reshape(x.shape[0], -1).shape[1] != m.features:
+        return _generic(m, x, t, c)  # let ResNet.forward raise its own error
+    h, th = x.reshape(x.shape[0], -1), t.reshape(x.shape[0], -1)
+    for block in m.blocks:
+        h, th = _residual_block(block, h, th, c)
+    return h.reshape(x.shape), th.reshape(x.shape)
+
+
+_HANDLERS: dict[type, Callable[..., Dual]] = {
+    nn.Linear: _linear,
+    nn.SiLU: _silu,
+    nn.Tanh: _tanh,
+    nn.Identity: _identity,
+    nn.Sequential: _sequential,
+    ResidualBlock: _residual_block,
+    ResNet: _resnet,
+}
+
+
+def _dual(module: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    handler = _HANDLERS.get(type(module), _generic)
+    return handler(module, x, t, c)
+
+
+def dual_forward(net: nn.Module, x: Tensor, t: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Dual:
+    r""":math:`(f(x),\ J_f(x)\,t)` for ``f = net`` with the condition rule of
+    :func:`freeflows.conditioning.call_with_condition` (``c`` passed if ``takes_c``, otherwise
+    concatenated to the flattened input); the condition's tangent is zero. ``x`` and ``t`` have
+    the same shape."""
+    if c is None or takes_c:
+        return _dual(net, x, t, c)
+    flat = [x.reshape(x.shape[0], -1), c]
+    y, ty = _dual(
+        net, torch.cat(flat, dim=-1), torch.cat([t.reshape(t.shape[0], -1), torch.zeros_like(c)], -1), None
+    )
+    if y.numel() == x.numel():
+        y, ty = y.reshape(x.shape), ty.reshape(x.shape)
+    return y, ty
