@@ -217,3 +217,34 @@ def test_free_form_flow_samples_are_centred_and_loss_trains():
     loss.value.backward()
     grads = torch.cat([p.grad.flatten() for p in model.encoder.parameters() if p.grad is not None])
     assert torch.isfinite(loss.value) and torch.isfinite(grads).all() and grads.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_free_form_egnn_flow_learns_dw4():
+    """600 Adam steps on DW4 bring the exact validation NLL from ~18.7 (identity) below 11.
+    (Reference runs: 12.98 after 300 steps, 10.55 after 400; 8.19 after 1500 with a cosine
+    schedule.) Runs single-threaded: two threads on a shared 2-core machine were 13x slower."""
+    from freeflows.data.particles import load_dw4
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        data = load_dw4(seed=0, n_train=20000)
+        model = freeflows.FreeFormFlow(EGNN(4, 2, 32, 3), EGNN(4, 2, 32, 3), freeflows.MeanFreeNormal(4, 2))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        val = data.val.x[:500]
+        with torch.no_grad():
+            before = -model.log_prob(val).mean().item()
+        for _ in range(600):
+            batch = data.train.x[torch.randint(0, len(data.train), (256,))]
+            loss = model.loss(batch)
+            opt.zero_grad()
+            loss.value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+        with torch.no_grad():
+            after = -model.log_prob(val).mean().item()
+    finally:
+        torch.set_num_threads(threads)
+    assert before > 17.0 and after < 11.0, (before, after)
