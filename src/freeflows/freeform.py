@@ -234,8 +234,10 @@ class FreeFormFlow(nn.Module):
         density of samples :math:`g(z)`, :math:`z \sim p_Z`, evaluated at :math:`z = f(x)`.
         ``variant="encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`.
 
-        Jacobians are built with ``torch.func`` in chunks of ``chunk_size`` rows (by default as
-        many as keep ``chunk * D * D`` below ``2**24``); the result does not depend on it.
+        Jacobians are built by :func:`freeflows.jacobian.batch_jacobian` with ``jacobian_mode``
+        (``"auto"``: one structured forward pass with ``D`` tangents for ``ResNet``-like
+        networks, else ``vmap(jacrev)``), in chunks of ``chunk_size`` rows (by default as many as
+        keep ``chunk * D * D`` below ``2**24``); the result does not depend on it.
         """
         c = self._inputs(x, c)
         if variant not in ("decoder", "encoder"):
@@ -245,13 +247,19 @@ class FreeFormFlow(nn.Module):
         basis = getattr(self.latent, "basis", None)
         z = self.encode(x, c)
         if variant == "decoder":
-            log_det = -log_abs_det_jacobian(
-                self.decode, z, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk_size
-            )
+            fn, net, inp, takes_c, sign = self.decode, self.decoder, z, self._decoder_takes_c, -1.0
         else:
-            log_det = log_abs_det_jacobian(
-                self.encode, x, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk_size
-            )
+            fn, net, inp, takes_c, sign = self.encode, self.encoder, x, self._encoder_takes_c, 1.0
+        log_det = sign * log_abs_det_jacobian(
+            fn,
+            inp,
+            c,
+            basis=basis,
+            mode=self.jacobian_mode,
+            chunk_size=chunk_size,
+            module=net,
+            takes_c=takes_c,
+        )
         return self.latent.log_prob(z) + log_det
 
     def diagnostics(

@@ -36,7 +36,27 @@ from .nets.resnet import ResidualBlock, ResNet
 Dual = tuple[Tensor, Tensor]
 
 
+class Unsupported(Exception):
+    """A module without a structured rule met a tangent with a probe dimension."""
+
+
+def _multi(x: Tensor, t: Tensor) -> bool:
+    """Whether ``t`` carries several tangents per row: ``[B, K, *event]`` against ``x``'s ``[B, *event]``."""
+    return t.dim() == x.dim() + 1
+
+
+def _per_row(a: Tensor, t: Tensor) -> Tensor:
+    """``a`` (``[B, F]``) broadcast against ``t`` (``[B, F]`` or ``[B, K, F]``)."""
+    return a if a.dim() == t.dim() else a.unsqueeze(1)
+
+
+def _zero_tangent(c: Tensor, t: Tensor) -> Tensor:
+    return torch.zeros(*t.shape[:-1], c.shape[-1], dtype=t.dtype, device=t.device)
+
+
 def _generic(module: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
+    if _multi(x, t):
+        raise Unsupported(type(module).__name__)
     with fwAD.dual_level():
         out = module(fwAD.make_dual(x, t)) if c is None else module(fwAD.make_dual(x, t), c)
         y, ty = fwAD.unpack_dual(out)
@@ -52,12 +72,12 @@ def _linear(m: nn.Linear, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
 def _silu(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
     s = torch.sigmoid(x)
     y = x * s
-    return y, t * torch.addcmul(s, y, 1 - s)
+    return y, t * _per_row(torch.addcmul(s, y, 1 - s), t)
 
 
 def _tanh(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
     y = torch.tanh(x)
-    return y, t * (1 - y * y)
+    return y, t * _per_row(1 - y * y, t)
 
 
 def _identity(m: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
@@ -74,17 +94,18 @@ def _residual_block(m: ResidualBlock, x: Tensor, t: Tensor, c: Tensor | None) ->
     if c is None:
         r, tr = _dual(m.branch, x, t, None)
     else:
-        r, tr = _dual(m.branch, torch.cat([x, c], dim=-1), torch.cat([t, torch.zeros_like(c)], dim=-1), None)
+        r, tr = _dual(m.branch, torch.cat([x, c], dim=-1), torch.cat([t, _zero_tangent(c, t)], dim=-1), None)
     return x + r, t + tr
 
 
 def _resnet(m: ResNet, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
     if (c is None) != (m.condition_features == 0) or x.reshape(x.shape[0], -1).shape[1] != m.features:
         return _generic(m, x, t, c)  # let ResNet.forward raise its own error
-    h, th = x.reshape(x.shape[0], -1), t.reshape(x.shape[0], -1)
+    lead = t.shape[: t.dim() - x.dim() + 1]  # (B,) or (B, K)
+    h, th = x.reshape(x.shape[0], -1), t.reshape(*lead, -1)
     for block in m.blocks:
         h, th = _residual_block(block, h, th, c)
-    return h.reshape(x.shape), th.reshape(x.shape)
+    return h.reshape(x.shape), th.reshape(t.shape)
 
 
 _HANDLERS: dict[type, Callable[..., Dual]] = {
@@ -106,14 +127,31 @@ def _dual(module: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
 def dual_forward(net: nn.Module, x: Tensor, t: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Dual:
     r""":math:`(f(x),\ J_f(x)\,t)` for ``f = net`` with the condition rule of
     :func:`freeflows.conditioning.call_with_condition` (``c`` passed if ``takes_c``, otherwise
-    concatenated to the flattened input); the condition's tangent is zero. ``x`` and ``t`` have
-    the same shape."""
+    concatenated to the flattened input); the condition's tangent is zero.
+
+    ``t`` has the shape of ``x`` (one tangent per row) or ``[B, K, *event]`` (``K`` tangents per
+    row, e.g. a basis for a full Jacobian); the latter works only for networks made of the modules
+    listed in the module docstring, and raises :class:`Unsupported` otherwise."""
     if c is None or takes_c:
         return _dual(net, x, t, c)
-    flat = [x.reshape(x.shape[0], -1), c]
+    lead = t.shape[: t.dim() - x.dim() + 1]
+    flat_t = t.reshape(*lead, -1)
     y, ty = _dual(
-        net, torch.cat(flat, dim=-1), torch.cat([t.reshape(t.shape[0], -1), torch.zeros_like(c)], -1), None
+        net,
+        torch.cat([x.reshape(x.shape[0], -1), c], dim=-1),
+        torch.cat([flat_t, _zero_tangent(c, flat_t)], dim=-1),
+        None,
     )
     if y.numel() == x.numel():
-        y, ty = y.reshape(x.shape), ty.reshape(x.shape)
+        y, ty = y.reshape(x.shape), ty.reshape(t.shape)
     return y, ty
+
+
+def jacobian(net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Tensor:
+    """Per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by one structured forward pass with the
+    ``D`` basis vectors as tangents; raises :class:`Unsupported` for other networks."""
+    batch, event = x.shape[0], tuple(x.shape[1:])
+    dim = x[0].numel()
+    basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(dim, *event)
+    _, cols = dual_forward(net, x, basis.expand(batch, dim, *event), c, takes_c)
+    return cols.reshape(batch, dim, -1).transpose(1, 2)
