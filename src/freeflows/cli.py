@@ -1,4 +1,4 @@
-"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``.
+"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``, ``sbi``.
 
 A user's mistake (unknown preset, bad ``--set``, missing run directory, corrupt checkpoint, bad
 data) ends in one line on stderr and exit status 2, never a traceback.
@@ -47,6 +47,36 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plots", action="store_true")
 
     sub.add_parser("presets", help="list the presets")
+
+    b = sub.add_parser(
+        "sbi", help="posterior estimation on an sbibm task, scored by C2ST (needs the [sbi] extra)"
+    )
+    b.add_argument("--task", required=True, help="sbibm task, e.g. two_moons, slcp, gaussian_linear")
+    b.add_argument("--budget", type=int, required=True, help="number of simulations to train on")
+    b.add_argument("--method", default="fff", help="fff (preset sbi-<task>, default) or npe-nsf (baseline)")
+    b.add_argument(
+        "--observations",
+        default="1..10",
+        help="reference observations to score: 1..10 (default), a range 1..3 or a list 1,4,7",
+    )
+    b.add_argument("--num-samples", type=int, default=10000, help="posterior draws per observation")
+    b.add_argument("--seed", type=int, default=0, help="seed of the simulations, training and draws")
+    b.add_argument("--out", help="run directory (default runs/sbi-<task>-<budget>-<method>-<timestamp>)")
+    b.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the fff preset, e.g. --set trainer.max_steps=500 (repeatable)",
+    )
+    b.add_argument(
+        "--fast-c2st",
+        action="store_true",
+        help="score with the fast torch classifier (NOT comparable with sbibm's numbers)",
+    )
+    b.add_argument("--plots", default="first", help="pair plots for the first (default), all or none")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p
 
 
@@ -139,11 +169,48 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _observation_list(text: str) -> list[int]:
+    """``"1..10"``, ``"3"`` or ``"1,4,7"`` -> a list of observation numbers."""
+    try:
+        if ".." in text:
+            first, last = (int(v) for v in text.split("..", 1))
+            return list(range(first, last + 1))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--observations must look like 1..10, 3 or 1,4,7; got {text!r}") from None
+
+
+def _sbi(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiments.sbi import run_sbi
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if args.method == "fff":
+        overrides.append(f"trainer.threads={args.threads}")
+    run_sbi(
+        args.task,
+        args.budget,
+        method=args.method,
+        observations=_observation_list(args.observations),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        out=args.out,
+        overrides=overrides,
+        fast_c2st=args.fast_c2st,
+        plots=args.plots,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .runner.callbacks import CheckpointError, DivergenceError
 
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "presets": _presets}
+    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "presets": _presets, "sbi": _sbi}
     try:
         return handlers[args.command](args)
     except DivergenceError as err:
