@@ -1,0 +1,123 @@
+"""Sampling throughput of every model, untrained, at D = 2 and 16.
+
+Each model is built with its default options by the same builder the CLI uses
+(:func:`freeflows.experiments.models.build_model`) and timed drawing ``N`` samples per call under
+``torch.no_grad()``, single thread, medians over interleaved repeats (CPU time). Rows from
+``sampling_speed.json`` (the CNF benchmark) and ``autoregressive_timing.json`` (classic flows),
+if present in the results directory, are appended with their source.
+
+    python benchmarks/sampling.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+
+NAME = "sampling"
+MODELS = ("fff", "realnvp", "maf", "iaf", "glow", "nice", "planar", "cnf")
+DIMS = (2, 16)
+N = 4096
+OTHER_FILES = ("sampling_speed.json", "autoregressive_timing.json")
+
+
+def sampler(kind: str, dim: int, n: int):
+    from ..experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"kind": kind}, (dim,), None).eval()
+
+    def draw() -> None:
+        with torch.no_grad():
+            model.sample(n)
+
+    return draw
+
+
+def collected(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the other agents' result files, flattened as found (format not fixed here)."""
+    rows: list[dict[str, Any]] = []
+    for name in OTHER_FILES:
+        path = out_dir / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        items = data.get("rows", data.get("results", data)) if isinstance(data, dict) else data
+        if isinstance(items, dict):
+            items = [{"model": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in items.items()]
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict):
+                rows.append({"source": name, **item})
+    return rows
+
+
+def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
+    common.setup()
+    env_start = common.environment()
+    n = 512 if quick else N
+    rows = []
+    for dim in DIMS:
+        fns, errors = {}, {}
+        for kind in MODELS:
+            try:
+                fn = sampler(kind, dim, n)
+                fn()
+                fns[kind] = fn
+            except Exception as err:  # noqa: BLE001 - recorded in the table
+                errors[kind] = f"{type(err).__name__}: {err}"[:200]
+        t = common.interleaved(fns, 3 if quick else 10, warmup=1)
+        for kind in MODELS:
+            row = {"model": kind, "D": dim, "n": n, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            if kind in t:
+                row["samples_per_s"] = n / common.median(t[kind])
+            else:
+                row["error"] = errors[kind]
+            rows.append(row)
+            print(row, flush=True)
+    payload = {
+        "benchmark": NAME,
+        "quick": quick,
+        "clock": common.CLOCK,
+        "environment_start": env_start,
+        "environment_end": common.environment(),
+        "rows": rows,
+        "collected": collected(Path(out_dir)),
+    }
+    payload["markdown"] = markdown(payload)
+    return common.write(out_dir, NAME, payload, payload["markdown"])
+
+
+def markdown(p: dict[str, Any]) -> str:
+    by = {(r["model"], r["D"]): r for r in p["rows"]}
+
+    def cell(kind: str, dim: int) -> str:
+        r = by.get((kind, dim))
+        if r is None:
+            return "–"
+        return common.fmt(r["samples_per_s"]) if "samples_per_s" in r else "error: " + r["error"][:60]
+
+    rows = [[kind] + [cell(kind, d) for d in DIMS] for kind in MODELS]
+    e0, e1 = p["environment_start"], p["environment_end"]
+    text = (
+        "### Sampling throughput (untrained, default options)\n\n"
+        f"Samples per second drawing {p['rows'][0]['n']} at a time, `torch.no_grad()`, "
+        f"`torch.set_num_threads(1)`, CPU time, load average {e0['loadavg'][0]} at start, "
+        f"{e1['loadavg'][0]} at end.\n\n"
+        + common.table(["model"] + [f"D = {d} [samples/s]" for d in DIMS], rows)
+    )
+    if p["collected"]:
+        keys = sorted({k for r in p["collected"] for k in r if k != "source"})[:8]
+        text += "\n\nCollected from other benchmarks:\n\n" + common.table(
+            ["source"] + keys, [[r["source"]] + [r.get(k, "") for k in keys] for r in p["collected"]]
+        )
+    return text
+
+
+if __name__ == "__main__":
+    common.main(run, __doc__)
