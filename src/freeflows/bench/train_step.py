@@ -19,7 +19,8 @@ from . import common
 from .nets import BATCH, exact_batch, hidden, train_step
 
 NAME = "train_step"
-VARIANTS = ("fff", "fff_jvp", "exact", "ae")
+VARIANTS = ("fff", "fff_jvp", "exact", "exact_structured", "ae")
+EXACT = ("exact", "exact_structured")
 DIMS = (2, 8, 32, 128, 512)
 REPEATS = {2: 40, 8: 40, 32: 25, 128: 12, 512: 5}
 
@@ -78,9 +79,9 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
     for dim in dims:
         repeats = 4 if quick else REPEATS[dim]
         eb = exact_batch(dim)
-        steps = {v: train_step(v, dim, eb if v == "exact" else BATCH) for v in VARIANTS}
+        steps = {v: train_step(v, dim, eb if v in EXACT else BATCH) for v in VARIANTS}
         times = common.interleaved(steps, repeats, warmup=1)
-        scale = {v: (BATCH / eb if v == "exact" else 1.0) for v in VARIANTS}
+        scale = {v: (BATCH / eb if v in EXACT else 1.0) for v in VARIANTS}
         t = {v: [s * scale[v] for s in times[v]] for v in VARIANTS}
         row: dict[str, Any] = {
             "D": dim,
@@ -90,13 +91,12 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
             "ms": {v: 1e3 * common.median(t[v]) for v in VARIANTS},
             "spread": {v: common.spread(t[v]) for v in VARIANTS},
             "exact_over_fff": common.paired_ratio(t["exact"], t["fff"]),
+            "exact_structured_over_fff": common.paired_ratio(t["exact_structured"], t["fff"]),
             "fff_over_ae": common.paired_ratio(t["fff"], t["ae"]),
             "fff_jvp_over_ae": common.paired_ratio(t["fff_jvp"], t["ae"]),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
         }
-        row["peak_step_memory_mib"] = {
-            v: peak_memory(v, dim, eb if v == "exact" else BATCH) for v in VARIANTS
-        }
+        row["peak_step_memory_mib"] = {v: peak_memory(v, dim, eb if v in EXACT else BATCH) for v in VARIANTS}
         rows.append(row)
         print(json.dumps(row), flush=True)
     profile = {str(d): op_counts(d) for d in ((2,) if quick else (2, 128))}
@@ -106,8 +106,10 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
         "batch": BATCH,
         "networks": "encoder and decoder ResNet(D, hidden=max(64, D), depth=2, blocks=2), SiLU",
         "optimizer": "torch.optim.Adam defaults, lr 1e-4; the step includes zero_grad, loss, backward, step",
-        "exact": f"vmap(jacfwd) full Jacobian + slogdet; above {2**14} tangent rows it runs on "
-        "fewer samples (exact_batch) and its time is scaled to the batch",
+        "exact": "full Jacobian + slogdet: 'exact' by vmap(jacrev) (torch.func), 'exact_structured' by "
+        "freeflows.tangents; above D = 128 both run on exact_batch samples and their time is scaled "
+        "to the batch (their memory is not)",
+        "clock": common.CLOCK,
         "memory": "peak of live torch CPU allocations during one step above those live at its start "
         "(torch.profiler memory timeline, profile_memory=True); MiB",
         "environment_start": env_start,
@@ -127,39 +129,46 @@ def markdown(p: dict[str, Any]) -> str:
         "(a) fff [ms]",
         "(a') fff jvp [ms]",
         "(b) exact [ms]",
+        "(b*) exact structured [ms]",
         "(c) AE [ms]",
         "(b)/(a)",
+        "(b*)/(a)",
         "(a)/(c)",
         "(a')/(c)",
-        "peak step memory a / a' / b / c [MiB]",
+        "peak step memory a / a' / b / b* / c [MiB]",
     ]
     rows = []
     for r in p["rows"]:
         ms, mem = r["ms"], r["peak_step_memory_mib"]
-        exact = f(ms["exact"]) + (
-            "" if r["exact_batch"] == p["batch"] else f" (batch {r['exact_batch']}, scaled)"
-        )
+        scaled = "" if r["exact_batch"] == p["batch"] else f" (batch {r['exact_batch']}, scaled)"
         rows.append(
             [
                 r["D"],
                 r["hidden"],
                 f(ms["fff"]),
                 f(ms["fff_jvp"]),
-                exact,
+                f(ms["exact"]) + scaled,
+                f(ms["exact_structured"]) + scaled,
                 f(ms["ae"]),
                 f(r["exact_over_fff"]),
+                f(r["exact_structured_over_fff"]),
                 f(r["fff_over_ae"]),
                 f(r["fff_jvp_over_ae"]),
-                " / ".join(f(mem[v]) for v in ("fff", "fff_jvp", "exact", "ae")),
+                " / ".join(f(mem[v]) for v in VARIANTS),
             ]
         )
     e0, e1 = p["environment_start"], p["environment_end"]
     note = (
         f"Batch {p['batch']}, torch {e0['torch']}, `torch.set_num_threads(1)`, {e0['cpu_count']} CPUs, "
-        f"load average {e0['loadavg'][0]} at start, {e1['loadavg'][0]} at end (shared machine). "
-        "(a) FreeFormFlow.loss with the default `vjp` surrogate, (a') with `jvp`, (b) exact ML with "
-        "the full Jacobian, (c) reconstruction only; each is one Adam step. Medians over repeats, "
-        "variants interleaved; ratios are medians of per-repeat ratios."
+        f"CPU time of the process, load average {e0['loadavg'][0]} at start, {e1['loadavg'][0]} at end "
+        "(shared machine). (a) `FreeFormFlow.loss` with the default `vjp` surrogate, (a') with `jvp`, "
+        "(b) exact ML with the full Jacobian by `vmap(jacrev)` (faster than `jacfwd` here), (b*) the "
+        "same with the structured Jacobian of `freeflows.tangents`, (c) reconstruction only; each is "
+        "one Adam step (zero_grad, loss, backward, step). Networks: encoder and decoder "
+        "`ResNet(D, hidden, depth=2, blocks=2)`, hidden = max(64, D). Medians over repeats, variants "
+        "interleaved; ratios are medians of per-repeat ratios. Memory: peak of live torch CPU "
+        "allocations during one step (torch.profiler memory timeline); for (b)/(b*) at the batch "
+        "they ran on."
     )
     return f"### Training step cost vs D\n\n{note}\n\n" + common.table(head, rows)
 
