@@ -158,16 +158,39 @@ def test_bias_grows_with_inverse_error():
     assert max(ratios) / min(ratios) < 1.5, ratios  # bias ~ proportional to the inverse error
 
 
+def _resnet_flow(samples, surrogate, conditional=False):
+    torch.manual_seed(2)
+    cf = 2 if conditional else 0
+    enc, dec = ResNet(D, 16, condition_features=cf).double(), ResNet(D, 16, condition_features=cf).double()
+    for p in list(enc.parameters()) + list(dec.parameters()):
+        nn.init.normal_(p, std=0.3)
+    return FreeFormFlow(
+        enc,
+        dec,
+        StandardNormal(D).double(),
+        hutchinson="sphere",
+        hutchinson_samples=samples,
+        surrogate=surrogate,
+        condition_dim=cf or None,
+    )
+
+
+@pytest.mark.parametrize("kind", ["affine", "resnet", "resnet-conditional"])
 @pytest.mark.parametrize("k", [1, D])
-def test_surrogate_modes_agree_exactly_with_orthogonal_probes(k):
-    """With K = D orthogonal probes both surrogates give the exact trace, so for any g (here not
-    f^{-1}) both modes give the same gradient tr(J_g dJ_f); with K < D they share the loss value's
-    other terms and the same expectation (checked above)."""
+def test_surrogate_modes_agree_exactly_with_orthogonal_probes(kind, k):
+    """With K = D orthogonal probes both surrogates are the exact trace, so for any g (here not
+    f^{-1}) both modes give the same gradient tr(J_g dJ_f), whichever path computes the tangents
+    (generic forward AD for the affine maps, the structured one for ResNets, with K tangents per
+    row when K > 1); with K = 1 they share the values of the other loss terms."""
+    c = torch.randn(X.shape[0], 2, dtype=torch.float64) if kind == "resnet-conditional" else None
     grads = {}
     for surrogate in ("jvp", "vjp"):
+        if kind == "affine":
+            model = _make("affine", "sphere", eps=0.2, samples=k, surrogate=surrogate)
+        else:
+            model = _resnet_flow(k, surrogate, conditional=c is not None)
         torch.manual_seed(0)
-        model = _make("affine", "sphere", eps=0.2, samples=k, surrogate=surrogate)
-        loss = model.loss(X)
+        loss = model.loss(X, c)
         grads[surrogate] = (loss, _flat_grad(loss.value, list(model.parameters())))
     (loss_j, g_j), (loss_v, g_v) = grads["jvp"], grads["vjp"]
     for key in ("nll", "reconstruction"):

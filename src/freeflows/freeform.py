@@ -62,7 +62,7 @@ from .conditioning import accepts_condition, call_with_condition
 from .contract import Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
 from .jacobian import JacobianMode, log_abs_det_jacobian
-from .tangents import dual_forward
+from .tangents import Unsupported, dual_forward
 
 SurrogateMode = Literal["jvp", "vjp"]
 SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
@@ -210,6 +210,22 @@ class FreeFormFlow(nn.Module):
         differentiable function of the encoder's parameters (reverse-over-forward), so the loss
         needs only a first-order backward pass, no double backward."""
         batch = x.shape[0]
+        if k > 1:
+            # K tangents per row in one structured pass (z computed once), when the encoder is
+            # built from blocks that freeflows.tangents knows; else the rows are repeated K times.
+            try:
+                probes = v.reshape(k, *x.shape).transpose(0, 1)  # [B, K, *event]
+                z, jfv = dual_forward(self.encoder, x, probes, c, self._encoder_takes_c)
+            except Unsupported:
+                pass
+            else:
+                self._check_shape("encoder", x, z)
+                x_hat = self.decode(z, c)
+                surrogate = torch.zeros(batch, device=x.device, dtype=x.dtype)
+                for i in range(k):
+                    (vjg,) = torch.autograd.grad(x_hat, z, probes[:, i], retain_graph=True)
+                    surrogate = surrogate + (vjg.detach() * jfv[:, i]).reshape(batch, -1).sum(dim=1)
+                return z, x_hat, surrogate / k
         z_all, jfv = dual_forward(
             self.encoder, self._repeat(x, k), v, self._repeat(c, k), self._encoder_takes_c
         )
