@@ -6,7 +6,9 @@ shipped presets ``eight-gaussians`` and ``two-moons``; only these fields are ove
 * ``model.kind`` (the model; its hyper-parameters are the defaults of ``model.<kind>``, so the
   ``fff`` rows use exactly the preset's free-form flow),
 * ``trainer.max_steps`` (``--steps``), ``trainer.threads`` (``--threads``), ``seed``,
-* ``trainer.plot=false`` and ``trainer.progress_bar=false``.
+* ``trainer.plot=false`` and ``trainer.progress_bar=false``;
+* for ``--extra`` rows only, some ``model.<kind>.*`` options (e.g. a classic flow widened to the
+  free-form flow's parameter count: ``--extra realnvp:hidden=128``).
 
 So every model gets the same data (the preset's splits), the same batch size, optimiser (Adam),
 learning rate, schedule (the preset's; cosine decay to zero over ``--steps``), gradient clipping
@@ -52,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2000, help="trainer.max_steps for every model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data splits and init)")
     p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=ALL_KINDS)
+    p.add_argument(
+        "--extra",
+        nargs="+",
+        default=[],
+        metavar="KIND:OPT=VAL,...",
+        help="extra rows with changed model options, e.g. realnvp:hidden=128 (same budget otherwise)",
+    )
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (trainer.threads)")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="directory of the JSON and Markdown")
@@ -60,10 +69,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_for(dataset: str, kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def parse_model(spec: str) -> tuple[str, list[str]]:
+    """``"realnvp:hidden=128,transforms=8"`` -> ``("realnvp", ["model.realnvp.hidden=128", ...])``."""
+    kind, _, options = spec.partition(":")
+    if kind not in ALL_KINDS:
+        raise SystemExit(f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(ALL_KINDS)}")
+    return kind, [f"model.{kind}.{item}" for item in options.split(",") if item]
+
+
+def label_of(spec: str) -> str:
+    kind, _, options = spec.partition(":")
+    return f"{kind} ({options.replace(',', ', ')})" if options else kind
+
+
+def config_for(dataset: str, spec: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    kind, model_overrides = parse_model(spec)
     return load_config(
         dataset,
         [
+            *model_overrides,
             f"model.kind={kind}",
             f"trainer.max_steps={args.steps}",
             f"trainer.threads={args.threads}",
@@ -74,14 +98,16 @@ def config_for(dataset: str, kind: str, seed: int, args: argparse.Namespace) -> 
     )
 
 
-def run_one(dataset: str, kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = args.runs / f"{dataset}-{kind}-s{seed}-{args.steps}"
-    cfg = config_for(dataset, kind, seed, args)
+def run_one(dataset: str, spec: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    slug = spec.replace(":", "-").replace(",", "-").replace("=", "")
+    run_dir = args.runs / f"{dataset}-{slug}-s{seed}-{args.steps}"
+    cfg = config_for(dataset, spec, seed, args)
+    kind = cfg["model"]["kind"]
     metrics_path = run_dir / "metrics.json"
     if not (args.reuse and metrics_path.is_file()):
         t = time.perf_counter()
         train(cfg, run_dir)
-        print(f"  {dataset} {kind} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
+        print(f"  {dataset} {spec} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
     metrics = json.loads(metrics_path.read_text())
     keep = (
         "test_nll",
@@ -99,6 +125,7 @@ def run_one(dataset: str, kind: str, seed: int, args: argparse.Namespace) -> dic
     return {
         "dataset": dataset,
         "kind": kind,
+        "label": label_of(spec),
         "seed": seed,
         "run_dir": str(run_dir),
         "model_options": cfg["model"][kind],
@@ -122,16 +149,18 @@ def _mean_pm(rows: list[dict[str, Any]], key: str) -> tuple[float, float] | None
     return mean, math.sqrt(var / len(values))
 
 
-def summarise(runs: list[dict[str, Any]], kinds: list[str]) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], specs: list[str]) -> list[dict[str, Any]]:
     table = []
-    for kind in kinds:
-        mine = [r for r in runs if r["kind"] == kind]
+    for spec in specs:
+        kind = spec.partition(":")[0]
+        mine = [r for r in runs if r["label"] == label_of(spec)]
         if not mine:
             continue
         eight = [r for r in mine if r["dataset"] == "eight-gaussians"]
         moons = [r for r in mine if r["dataset"] == "two-moons"]
         row: dict[str, Any] = {
             "kind": kind,
+            "label": label_of(spec),
             "n_params": mine[0]["n_params"],
             "seeds": len({r["seed"] for r in mine}),
         }
@@ -189,7 +218,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
         nll = f"{row['nll_two_moons']:.3f} ± {row['nll_two_moons_pm']:.3f}" if "nll_two_moons" in row else "—"
         lines.append(
-            f"| {row['kind']} | {row['n_params']:,} | {kl} | {nll} | {_fmt_time(row['train_seconds'])} "
+            f"| {row['label']} | {row['n_params']:,} | {kl} | {nll} | {_fmt_time(row['train_seconds'])} "
             f"| {_fmt_time(row['sample_seconds_per_sample'], 1e6, 2)} |"
         )
     lines.append("")
@@ -200,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "fff" not in args.kinds:
         print("note: fff is not in --kinds; the table has no free-form flow row", file=sys.stderr)
+    for spec in args.extra:
+        parse_model(spec)
+    specs = [*args.kinds, *args.extra]
     ref = config_for(args.datasets[0], args.kinds[0], args.seeds[0], args)
     opt, tr, data = ref["optim"], ref["trainer"], ref["data"]
     for other in args.datasets[1:]:
@@ -215,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seeds": args.seeds,
         "kinds": args.kinds,
+        "extra": args.extra,
         "datasets": args.datasets,
         "threads": args.threads,
         "batch_size": tr["batch_size"],
@@ -236,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"settings": settings, "table": [], "runs": runs}
     t0 = time.perf_counter()
     for dataset in args.datasets:
-        for kind in args.kinds:
+        for spec in specs:
             for seed in args.seeds:
-                runs.append(run_one(dataset, kind, seed, args))
+                runs.append(run_one(dataset, spec, seed, args))
                 if "true_test_nll" in runs[-1]:
                     settings["true_test_nll_eight_gaussians"] = runs[-1]["true_test_nll"]
-                result["table"] = summarise(runs, args.kinds)
+                result["table"] = summarise(runs, specs)
                 settings["total_wall_seconds"] = time.perf_counter() - t0
                 (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=2))
                 (args.out / f"{NAME}.md").write_text(markdown(result))
