@@ -1,0 +1,121 @@
+"""``freeflows sbi``: train on an sbibm task, draw posteriors, score them by C2ST (needs the [sbi] extra)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from freeflows.cli import main
+from freeflows.data.sbi import TASKS
+from freeflows.experiments.config import list_presets, load_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_offline_task_has_a_conditional_fff_preset():
+    presets = list_presets()
+    for task in TASKS:
+        assert presets.get(f"sbi-{task}"), f"preset sbi-{task} is missing or has no description"
+        cfg = load_config(f"sbi-{task}")
+        assert cfg["data"]["name"] == f"sbi:{task}" and cfg["model"]["kind"] == "fff"
+        assert cfg["trainer"]["threads"] == 1
+
+
+def test_sbi_cli_end_to_end_fff(tmp_path, capsys):
+    pytest.importorskip("sbibm")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "sbi",
+            "--task",
+            "two_moons",
+            "--budget",
+            "300",
+            "--observations",
+            "1",
+            "--num-samples",
+            "300",
+            "--set",
+            "trainer.max_steps=20",
+            "--set",
+            "trainer.plot=false",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "sbi_c2st.json").read_text())
+    assert result["task"] == "two_moons" and result["budget"] == 300 and result["method"] == "fff"
+    assert result["c2st_classifier"] == "sklearn" and result["sbibm_comparable"]
+    assert [row["observation"] for row in result["observations"]] == [1]
+    assert 0.45 <= result["mean_c2st"] <= 1.0
+    assert (out / "sbi_c2st.md").is_file() and (out / "pairplot_obs1.png").is_file()
+    assert (out / "checkpoints" / "best.ckpt").is_file() or (out / "checkpoints" / "last.ckpt").is_file()
+    draws = np.load(out / "posterior_obs1.npy")
+    # two_moons' prior is uniform on [-1, 1]^2: draws outside it are rejected.
+    assert draws.shape == (300, 2) and np.abs(draws).max() <= 1.0
+    assert "mean C2ST" in capsys.readouterr().out
+
+
+def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path):
+    pytest.importorskip("sbibm")
+    pytest.importorskip("sbi")
+    from freeflows.experiments.sbi import run_sbi
+
+    result = run_sbi(
+        "two_moons",
+        200,
+        method="npe-nsf",
+        observations=[2],
+        num_samples=200,
+        out=tmp_path / "npe",
+        plots="none",
+        npe_options={"max_num_epochs": 2, "hidden_features": 16},
+        log=lambda message: None,
+    )
+    assert result["method"] == "npe-nsf" and result["sbibm_comparable"]
+    assert 0.45 <= result["mean_c2st"] <= 1.0
+    assert (tmp_path / "npe" / "sbi_c2st.json").is_file() and (
+        tmp_path / "npe" / "posterior_obs2.npy"
+    ).is_file()
+    assert not (tmp_path / "npe" / "pairplot_obs2.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "sir", "--budget", "100"], "unknown sbi task"),
+        (["--task", "two_moons", "--budget", "100", "--method", "snle"], "unknown method"),
+        (["--task", "two_moons", "--budget", "100", "--observations", "0..2"], "1..10"),
+        (["--task", "two_moons", "--budget", "100", "--observations", "one"], "--observations"),
+        (["--task", "two_moons", "--budget", "100", "--num-samples", "20000"], "--num-samples"),
+        (["--task", "two_moons", "--budget", "5"], "--budget"),
+        (["--task", "two_moons", "--budget", "100", "--set", "data.n_train=5"], "--set"),
+        (["--task", "two_moons", "--budget", "100", "--set", "model.fff.nope=1"], "nope"),
+    ],
+)
+def test_sbi_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main(["sbi", *args, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("freeflows: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_pair_plot_handles_higher_dimensions(tmp_path):
+    from freeflows.experiments.sbi import pair_plot
+
+    g = torch.Generator().manual_seed(0)
+    path = pair_plot(
+        torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g), tmp_path / "p.png", "t"
+    )
+    assert path.is_file() and path.stat().st_size > 1000
