@@ -44,6 +44,25 @@ def configs(quick: bool) -> list[tuple[int, int]]:
     return [(d, batch_size(d)) for d in DIMS] + [(d, SMALL_BATCH) for d in DIMS if d >= 32]
 
 
+def jacobian_gflop(dim: int, batch: int) -> float:
+    """Multiply-adds of the D tangent (or cotangent) products through the decoder's linear
+    layers, x2: the arithmetic every method here has to do (the naive loop and the vectorised
+    ones alike; the primal pass and slogdet are extra and small)."""
+    from .nets import BLOCKS, DEPTH
+
+    h = hidden(dim)
+    macs_per_row = BLOCKS * (dim * h + (DEPTH - 1) * h * h + h * dim)
+    return 2 * batch * dim * macs_per_row / 1e9
+
+
+def matmul_gflops(dim: int, repeats: int = 5) -> float:
+    """Single-thread throughput of one large matmul of the decoder's hidden size (the roofline)."""
+    h = hidden(dim)
+    a, w = torch.randn(8192, h), torch.randn(h, h)
+    t = common.interleaved({"mm": lambda: a @ w}, repeats, warmup=1)["mm"]
+    return 2 * 8192 * h * h / common.median(t) / 1e9
+
+
 def naive_log_prob(model: Any, x: Tensor) -> Tensor:
     """The Jacobian of the decoder row by row: ``D`` backward passes (the baseline)."""
     with torch.enable_grad():
@@ -101,6 +120,8 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
                 "repeats": repeats,
                 "samples_per_s": {k: n / common.median(v) for k, v in t.items()},
                 "speedup_over_naive": {k: common.paired_ratio(t["naive"], v) for k, v in t.items()},
+                "gflop_per_s": {k: jacobian_gflop(dim, n) / common.median(v) for k, v in t.items()},
+                "matmul_gflop_per_s": matmul_gflops(dim),
                 "loadavg": [round(x, 2) for x in os.getloadavg()],
             }
         )
@@ -123,19 +144,26 @@ def markdown(p: dict[str, Any]) -> str:
     head = (
         ["D", "hidden", "batch"] + [f"{v} [samples/s]" for v in VARIANTS] + [f"{v} / naive" for v in ratios]
     )
-    rows = [
-        [r["D"], r["hidden"], r["batch"]]
-        + [f(r["samples_per_s"][v]) for v in VARIANTS]
-        + [f(r["speedup_over_naive"][v]) for v in ratios]
-        for r in p["rows"]
-    ]
+    head.append("GFLOP/s auto / naive / matmul")
+    rows = []
+    for r in p["rows"]:
+        gf = (r["gflop_per_s"]["auto"], r["gflop_per_s"]["naive"], r["matmul_gflop_per_s"])
+        rows.append(
+            [r["D"], r["hidden"], r["batch"]]
+            + [f(r["samples_per_s"][v]) for v in VARIANTS]
+            + [f(r["speedup_over_naive"][v]) for v in ratios]
+            + [" / ".join(f(x) for x in gf)]
+        )
     e0, e1 = p["environment_start"], p["environment_end"]
     return (
         "### Exact log_prob throughput\n\n"
         "`FreeFormFlow.log_prob` (decoder Jacobian + slogdet) under `torch.no_grad()`: `auto` "
         "(structured forward pass with D tangents), chunked `vmap(jacfwd)` / `vmap(jacrev)`, vs a loop "
         "of D backward passes; `auto+grad` with autograd on. `torch.set_num_threads(1)`, CPU time, "
-        f"load average {e0['loadavg'][0]} at start, {e1['loadavg'][0]} at end.\n\n" + common.table(head, rows)
+        f"load average {e0['loadavg'][0]} at start, {e1['loadavg'][0]} at end. GFLOP/s counts only "
+        "the D Jacobian products through the decoder's linear layers (the same arithmetic for every "
+        "method); `matmul` is one large single-thread matmul of the hidden size, the roofline.\n\n"
+        + common.table(head, rows)
     )
 
 
