@@ -32,7 +32,10 @@ same gradient, since for any matrices :math:`A, B` and :math:`\mathbb E[vv^\top]
   (one dual pass gives :math:`z` and :math:`J_f v`), and that tangent is an ordinary
   differentiable function of the encoder's parameters, so the loss needs only a *first-order*
   backward pass. :math:`v^\top J_g` is one reverse-mode product through the decoder's graph, which
-  the reconstruction term needs anyway.
+  the reconstruction term needs anyway. The tangents come from :func:`freeflows.tangents.dual_forward`,
+  which writes them out with plain operators for the blocks of :mod:`freeflows.nets` (much cheaper
+  on CPU than generic forward AD, which it falls back to for any other network); with ``K > 1``
+  probes such an encoder carries all ``K`` tangents in one pass.
 * ``"jvp"``: :math:`\mathcal S = v^\top J_f(x)\; \mathrm{sg}(J_g(z) v)` as written first.
   :math:`J_g v` is one forward-mode product through the decoder (the same pass gives
   :math:`g(z)`), and :math:`v^\top J_f` one reverse-mode product through the encoder whose graph is
