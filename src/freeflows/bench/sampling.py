@@ -41,19 +41,41 @@ def sampler(kind: str, dim: int, n: int):
 
 
 def collected(out_dir: Path) -> list[dict[str, Any]]:
-    """Rows of the other agents' result files, flattened as found (format not fixed here)."""
+    """Sampling rows of the other benchmarks' result files, as ``{model, D, samples_per_s,
+    source, note}``; files that are absent or in an unknown format are skipped."""
     rows: list[dict[str, Any]] = []
-    for name in OTHER_FILES:
-        path = out_dir / name
-        if not path.exists():
-            continue
+    path = out_dir / "sampling_speed.json"
+    if path.exists():
         data = json.loads(path.read_text())
-        items = data.get("rows", data.get("results", data)) if isinstance(data, dict) else data
-        if isinstance(items, dict):
-            items = [{"model": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in items.items()]
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict):
-                rows.append({"source": name, **item})
+        for name, m in (data.get("models") or {}).items():
+            if isinstance(m, dict) and "samples_per_second" in m:
+                note = f"trained on two moons, batch {data.get('batch')}"
+                if m.get("model_options", {}).get("solver"):
+                    note += f", {m['model_options']['solver']}"
+                rows.append(
+                    {
+                        "model": name,
+                        "D": 2,
+                        "samples_per_s": m["samples_per_second"],
+                        "source": path.name,
+                        "note": note,
+                    }
+                )
+    path = out_dir / "autoregressive_timing.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        batch = (data.get("settings") or {}).get("batch")
+        for r in data.get("rows", []):
+            if batch and r.get("sample_seconds"):
+                rows.append(
+                    {
+                        "model": r["kind"],
+                        "D": r["dim"],
+                        "samples_per_s": batch / r["sample_seconds"],
+                        "source": path.name,
+                        "note": f"untrained, batch {batch}, thread CPU time",
+                    }
+                )
     return rows
 
 
@@ -112,9 +134,12 @@ def markdown(p: dict[str, Any]) -> str:
         + common.table(["model"] + [f"D = {d} [samples/s]" for d in DIMS], rows)
     )
     if p["collected"]:
-        keys = sorted({k for r in p["collected"] for k in r if k != "source"})[:8]
-        text += "\n\nCollected from other benchmarks:\n\n" + common.table(
-            ["source"] + keys, [[r["source"]] + [r.get(k, "") for k in keys] for r in p["collected"]]
+        text += "\n\nCollected from the other benchmarks' result files:\n\n" + common.table(
+            ["model", "D", "samples/s", "source", "note"],
+            [
+                [r["model"], r["D"], common.fmt(r["samples_per_s"]), r["source"], r["note"]]
+                for r in sorted(p["collected"], key=lambda r: (r["D"], r["model"]))
+            ],
         )
     return text
 
