@@ -2,6 +2,8 @@
 
 Every builder returns a model with the contract of :mod:`freeflows.contract`. The options of each
 kind, with their defaults, form the config section ``model.<kind>``; ``model.kind`` picks one.
+Builders that declare a keyword ``meta`` (the particle models ``fff-egnn`` and ``ecnf``, which
+need ``n_particles`` and ``n_dims``) also receive the data set's ``meta``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from ..distributions import StandardNormal
 from ..freeform import FreeFormFlow
 from ..models_classic import CLASSIC_BUILDERS
+from ..models_particles import PARTICLE_BUILDERS, PARTICLE_DEFAULTS
 from ..nets.resnet import ResNet
 
 FFF_DEFAULTS: dict[str, Any] = {
@@ -76,6 +79,7 @@ _CLASSIC_CLASSES = {
 MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"fff": build_fff, **CLASSIC_BUILDERS}
 _cnf, _cnf_defaults = _cnf_builder()
 MODEL_KINDS["cnf"] = _cnf
+MODEL_KINDS.update(PARTICLE_BUILDERS)
 
 
 def model_defaults() -> dict[str, dict[str, Any]]:
@@ -84,14 +88,30 @@ def model_defaults() -> dict[str, dict[str, Any]]:
     for kind, cls_name in _CLASSIC_CLASSES.items():
         out[kind] = _keyword_defaults(CLASSIC_BUILDERS[kind], cls_name)
     out["cnf"] = dict(_cnf_defaults)
+    out.update({kind: dict(defaults) for kind, defaults in PARTICLE_DEFAULTS.items()})
     return out
 
 
+def _takes_meta(builder: Callable[..., nn.Module]) -> bool:
+    try:
+        return "meta" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def build_model(
-    model_cfg: dict[str, Any], event_shape: tuple[int, ...], condition_dim: int | None
+    model_cfg: dict[str, Any],
+    event_shape: tuple[int, ...],
+    condition_dim: int | None,
+    meta: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Build the model that ``model_cfg['kind']`` names with its options ``model_cfg[kind]``."""
+    """Build the model that ``model_cfg['kind']`` names with its options ``model_cfg[kind]``.
+    ``meta`` (the data set's ``meta``) goes to the builders that take it."""
     kind = model_cfg["kind"]
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-    return MODEL_KINDS[kind](tuple(event_shape), condition_dim, **model_cfg.get(kind, {}))
+    builder = MODEL_KINDS[kind]
+    options = dict(model_cfg.get(kind, {}))
+    if _takes_meta(builder):
+        options["meta"] = meta
+    return builder(tuple(event_shape), condition_dim, **options)
