@@ -32,7 +32,12 @@ def main() -> None:
         for seed in args.seeds:
             cfg = load_config(
                 preset,
-                [f"trainer.max_steps={args.steps}", f"seed={seed}", "trainer.threads=1", "trainer.plot=false"],
+                [
+                    f"trainer.max_steps={args.steps}",
+                    f"seed={seed}",
+                    "trainer.threads=1",
+                    "trainer.plot=false",
+                ],
             )
             run = train(cfg, Path(args.runs) / f"{preset}-s{seed}-{args.steps}")
             m = json.loads((run / "metrics.json").read_text())
