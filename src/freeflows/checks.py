@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -62,6 +63,16 @@ def check_condition(c: Tensor | None, condition_dim: int | None, batch: int | No
     if not torch.isfinite(c).all():
         raise ValueError("c contains NaN or inf")
     return c
+
+
+def check_options(kind: str, options: Iterable[str], valid: Iterable[str]) -> None:
+    """Raise :class:`ValueError` naming any option of a model ``kind`` outside ``valid``."""
+    valid = list(valid)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for {kind}; valid options: {', '.join(valid)}"
+        )
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .checks import check_options
 from .flows import IAF, MAF, NICE, Glow, PlanarFlow, RealNVP
 
 Builder = Callable[..., nn.Module]
@@ -29,12 +30,7 @@ def _builder(cls: type, vectors_only: bool) -> Builder:
     valid = options_of(cls)
 
     def build(event_shape: tuple[int, ...], condition_dim: int | None = None, **options: Any) -> nn.Module:
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; "
-                f"valid options: {', '.join(valid)}"
-            )
+        check_options(cls.__name__, options, valid)
         shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
         if vectors_only and len(shape) != 1:
             raise ValueError(f"{cls.__name__} works on vectors; got event shape {shape}")

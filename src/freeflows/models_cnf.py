@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .checks import numel
+from .checks import check_options, numel
 from .continuous import CNF
 from .distributions import StandardNormal
 from .nets.velocity import TimeMLP
@@ -49,10 +49,7 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
     ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1``, ``chunk_size`` of the CNF; ``kinetic`` and
     ``jacobian``, the RNODE weights :math:`\\lambda_K, \\lambda_J`.
     """
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        valid = ", ".join(DEFAULTS)
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for cnf; valid options: {valid}")
+    check_options("cnf", options, DEFAULTS)
     opts = {**DEFAULTS, **options}
     shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
     features = numel(shape) + int(opts["augment_dims"])

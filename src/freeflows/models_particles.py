@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .checks import check_options
 from .continuous import CNF
 from .distributions import MeanFreeNormal
 from .freeform import FreeFormFlow
@@ -58,11 +59,7 @@ ECNF_DEFAULTS: dict[str, Any] = {
 
 
 def _options(kind: str, defaults: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for {kind}; valid options: {', '.join(defaults)}"
-        )
+    check_options(kind, options, defaults)
     return {**defaults, **options}
 
 

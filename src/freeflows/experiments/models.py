@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import check_options
 from ..distributions import StandardNormal
 from ..freeform import FreeFormFlow
 from ..models_classic import CLASSIC_BUILDERS
@@ -32,9 +33,7 @@ FFF_DEFAULTS: dict[str, Any] = {
 
 def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **options: Any) -> nn.Module:
     """A free-form flow with residual-MLP encoder and decoder of the same size."""
-    unknown = sorted(set(options) - set(FFF_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for fff; valid: {', '.join(FFF_DEFAULTS)}")
+    check_options("fff", options, FFF_DEFAULTS)
     o = {**FFF_DEFAULTS, **options}
     if len(event_shape) != 1:
         raise ValueError(f"the fff model works on vectors; got event shape {tuple(event_shape)}")
