@@ -26,13 +26,7 @@ SMALL = {
 KINDS = list(SMALL)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is much faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb(module: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:

@@ -9,13 +9,7 @@ from torch.func import functional_call
 from freeflows.flows import PlanarFlow
 from freeflows.transforms import Planar, solve_planar
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reparametrisation_keeps_wu_above_minus_one():

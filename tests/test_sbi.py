@@ -14,13 +14,7 @@ from freeflows.c2st import c2st
 from freeflows.data.sbi import TASKS, check_task, load_sbi_task, posterior_log_prob
 from freeflows.data.standardize import Standardizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- standardisation ------------------------------------------------------------------------------

@@ -12,13 +12,7 @@ from freeflows.cli import main
 from freeflows.data.sbi import TASKS
 from freeflows.experiments.config import list_presets, load_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_offline_task_has_a_conditional_fff_preset():

@@ -35,13 +35,7 @@ from freeflows.transforms import (
 B, C = 6, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is much faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb(module: nn.Module, scale: float = 0.2, seed: int = 0) -> nn.Module:
