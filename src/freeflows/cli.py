@@ -1,4 +1,4 @@
-"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``, ``sbi``.
+"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``, ``sbi``, ``bench``.
 
 A user's mistake (unknown preset, bad ``--set``, missing run directory, corrupt checkpoint, bad
 data) ends in one line on stderr and exit status 2, never a traceback.
@@ -77,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--plots", default="first", help="pair plots for the first (default), all or none")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+    from .bench import BENCHMARKS
+
+    k = sub.add_parser("bench", help="speed benchmarks; each writes JSON and a Markdown table")
+    k.add_argument(
+        "names",
+        nargs="+",
+        choices=[*BENCHMARKS, "all"],
+        metavar="NAME",
+        help=f"one or more of {', '.join(BENCHMARKS)}, or all",
+    )
+    k.add_argument("--out", default="benchmarks/results", help="results directory (default %(default)s)")
+    k.add_argument("--quick", action="store_true", help="few repeats and sizes, for a smoke run")
     return p
 
 
@@ -206,11 +219,32 @@ def _sbi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .bench import BENCHMARKS
+
+    names = BENCHMARKS if "all" in args.names else tuple(dict.fromkeys(args.names))
+    for name in names:
+        print(f"== {name} ==", flush=True)
+        result = importlib.import_module(f".bench.{name}", __package__).run(args.out, quick=args.quick)
+        print(result.get("markdown", ""))
+        print(f"wrote {Path(args.out) / name}.json and .md", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .runner.callbacks import CheckpointError, DivergenceError
 
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "presets": _presets, "sbi": _sbi}
+    handlers = {
+        "train": _train,
+        "sample": _sample,
+        "evaluate": _evaluate,
+        "presets": _presets,
+        "sbi": _sbi,
+        "bench": _bench,
+    }
     try:
         return handlers[args.command](args)
     except DivergenceError as err:
