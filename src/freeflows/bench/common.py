@@ -63,6 +63,27 @@ def interleaved(
     return times
 
 
+def op_profile(fn: Callable[[], Any], calls: int = 3, top: int = 6) -> dict[str, Any]:
+    """torch.profiler summary of ``fn`` (after one warm-up call): aten operator calls per call and
+    the ``top`` aten operators by self CPU time, with their share of all aten self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    aten = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in aten) or 1.0
+    best = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "aten_calls_per_step": sum(e.count for e in aten) / calls,
+        "top_self_cpu": [
+            {"op": e.key, "calls_per_step": e.count / calls, "share": round(e.self_cpu_time_total / total, 3)}
+            for e in best
+        ],
+    }
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -105,9 +105,23 @@ def variants(dim: int, batch: int) -> dict[str, Any]:
     return fns
 
 
+PROFILED = ("auto", "naive")
+
+
+def profiles(dims: tuple[int, ...]) -> dict[str, Any]:
+    """torch.profiler summaries of ``auto`` and ``naive`` at the usual batch: where the time of
+    each goes (the evidence for the roofline argument in the README)."""
+    out: dict[str, Any] = {}
+    for dim in dims:
+        fns = variants(dim, batch_size(dim))
+        out[str(dim)] = {v: common.op_profile(fns[v]) for v in PROFILED}
+    return out
+
+
 def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
     common.setup()
     env_start = common.environment()
+    profile = profiles((32,) if quick else (32, 128))
     rows = []
     for dim, n in configs(quick):
         repeats = 3 if quick else REPEATS[dim] * (2 if n == SMALL_BATCH else 1)
@@ -133,6 +147,7 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
         "environment_start": env_start,
         "environment_end": common.environment(),
         "rows": rows,
+        "op_profile": profile,
     }
     payload["markdown"] = markdown(payload)
     return common.write(out_dir, NAME, payload, payload["markdown"])
@@ -164,7 +179,19 @@ def markdown(p: dict[str, Any]) -> str:
         "the D Jacobian products through the decoder's linear layers (the same arithmetic for every "
         "method); `matmul` is one large single-thread matmul of the hidden size, the roofline.\n\n"
         + common.table(head, rows)
+        + "\n\ntorch.profiler, self CPU time of aten operators per `log_prob` call (batch as above; "
+        "share of all aten self time):\n\n"
+        + common.table(["D", "variant", "aten calls", "top operators (share)"], profile_rows(p))
     )
+
+
+def profile_rows(p: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for dim, by_variant in p.get("op_profile", {}).items():
+        for variant, prof in by_variant.items():
+            top = ", ".join(f"{o['op'][6:]} {100 * o['share']:.0f}%" for o in prof["top_self_cpu"][:5])
+            rows.append([dim, variant, f"{prof['aten_calls_per_step']:.0f}", top])
+    return rows
 
 
 if __name__ == "__main__":

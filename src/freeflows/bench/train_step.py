@@ -44,31 +44,7 @@ def peak_memory(variant: str, dim: int, batch: int) -> float:
 
 def op_counts(dim: int, steps: int = 3) -> dict[str, Any]:
     """Operator calls per step (exact, from torch.profiler) and the top self-CPU operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    out: dict[str, Any] = {}
-    for variant in ("fff", "fff_jvp", "ae"):
-        step = train_step(variant, dim)
-        step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        events = prof.key_averages()
-        aten = [e for e in events if e.key.startswith("aten::")]
-        top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
-        total = sum(e.self_cpu_time_total for e in aten) or 1.0
-        out[variant] = {
-            "aten_calls_per_step": sum(e.count for e in aten) / steps,
-            "top_self_cpu": [
-                {
-                    "op": e.key,
-                    "calls_per_step": e.count / steps,
-                    "share": round(e.self_cpu_time_total / total, 3),
-                }
-                for e in top
-            ],
-        }
-    return out
+    return {v: common.op_profile(train_step(v, dim), steps) for v in ("fff", "fff_jvp", "ae")}
 
 
 def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
