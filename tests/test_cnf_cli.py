@@ -47,6 +47,18 @@ def test_cnf_trains_through_the_cli_and_logs_nfe(tmp_path, capsys):
     assert 0.5 < metrics["test_nll"] < 5.0
 
 
+def test_failing_solves_skip_batches_then_stop_with_a_hint(tmp_path, capsys):
+    """Every training solve fails (max_num_steps=1): each batch is skipped, and after
+    trainer.max_nonfinite of them the run stops with one message and the CNF's advice."""
+    run = tmp_path / "run"
+    args = ["train", "tiny", "--out", str(run), *SMALL_CNF, "--set", "model.cnf.max_num_steps=1"]
+    code = main([*args, "--set", "trainer.max_nonfinite=3"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "training diverged: 3 batches in a row" in err and "solver=rk4" in err
+    assert "Traceback" not in err
+
+
 def test_cnf_presets_load_with_their_options():
     presets = list_presets()
     for name in ("cnf-two-moons", "cnf-eight-gaussians", "rnode-two-moons"):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from freeflows import Loss, MeanFreeNormal, StandardNormal
 from freeflows.continuous import CNF
+from freeflows.contract import NumericalError
 from freeflows.distributions import mean_free_basis
 from freeflows.models_cnf import CNF_BUILDERS
 from freeflows.nets.velocity import TimeMLP
@@ -389,6 +390,31 @@ def test_bad_inputs_raise_clear_errors():
         CNF(Truncating(), StandardNormal(2)).log_prob(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="valid options"):
         CNF_BUILDERS["cnf"]((2,), None, widht=3)
+
+
+class NaNAfterHalfway(nn.Module):
+    """A field that turns non-finite at t > 0.5, as a diverged network would."""
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return x * torch.where(t > 0.5, torch.tensor(float("nan")), torch.tensor(1.0))
+
+
+def test_failed_solves_raise_numerical_error():
+    """torchdiffeq's assertions (dt underflow, too many steps) become one NumericalError that
+    names the solver and tolerances; an unrelated AssertionError is not swallowed."""
+    x = torch.randn(4, 2)
+    with pytest.raises(NumericalError, match=r"underflow in dt.*dopri5, rtol=1e-05"):
+        CNF(NaNAfterHalfway(), StandardNormal(2)).log_prob(x)
+    with pytest.raises(NumericalError, match="underflow in dt"):
+        CNF(NaNAfterHalfway(), StandardNormal(2), trace="hutchinson").loss(x)
+    tight = CNF(random_field(), StandardNormal(2).double(), rtol=1e-10, atol=1e-10, max_num_steps=2)
+    with pytest.raises(NumericalError, match="max_num_steps exceeded"):
+        tight.log_prob(torch.randn(4, 2, dtype=F64))
+    # the same model solves once the cap is lifted
+    tight.max_num_steps = None
+    assert torch.isfinite(tight.log_prob(torch.randn(4, 2, dtype=F64))).all()
+    with pytest.raises(ValueError, match="max_num_steps"):
+        CNF(random_field(), StandardNormal(2), max_num_steps=0)
 
 
 def test_import_freeflows_does_not_import_torchdiffeq():

@@ -235,6 +235,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .contract import NumericalError
     from .runner.callbacks import CheckpointError, DivergenceError
 
     handlers = {
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except DivergenceError as err:
+    except (DivergenceError, NumericalError) as err:
         print(f"freeflows: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError) as err:

@@ -83,7 +83,7 @@ from torch.func import jacrev, vmap
 
 from .checks import check_condition, check_data, numel
 from .conditioning import accepts_condition
-from .contract import Loss
+from .contract import Loss, NumericalError
 from .hutchinson import HUTCHINSON_MODES, HutchinsonMode, hutchinson_vectors
 
 TraceMode = Literal["exact", "hutchinson"]
@@ -91,6 +91,8 @@ TRACE_MODES: tuple[str, ...] = ("exact", "hutchinson")
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams")
 REGULARIZERS: tuple[str, ...] = ("kinetic", "jacobian")
+#: How torchdiffeq's adaptive solvers report a failed solve (``AssertionError`` messages).
+SOLVER_FAILURES: tuple[str, ...] = ("underflow in dt", "max_num_steps exceeded")
 LOG_TWO_PI = math.log(2 * math.pi)
 
 
@@ -251,6 +253,10 @@ class CNF(nn.Module):
         t1: end time :math:`t_1 > 0`.
         chunk_size: rows per ``vmap`` call of the exact trace (bounds memory to
             ``chunk * D`` reverse products at once); ``None`` does all rows at once.
+        max_num_steps: most steps an adaptive solve may take; ``None`` is unlimited.
+
+    A solve that fails (adaptive step size underflow, or more than ``max_num_steps`` steps: a
+    stiff or non-finite field) raises :class:`~freeflows.contract.NumericalError`.
     """
 
     def __init__(
@@ -272,11 +278,14 @@ class CNF(nn.Module):
         condition_dim: int | None = None,
         t1: float = 1.0,
         chunk_size: int | None = None,
+        max_num_steps: int | None = 10_000,
     ):
         super().__init__()
         _check_trace(trace)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if max_num_steps is not None and (not isinstance(max_num_steps, int) or max_num_steps < 1):
+            raise ValueError(f"max_num_steps must be a positive integer or None, got {max_num_steps!r}")
         if hutchinson not in HUTCHINSON_MODES:
             choices = ", ".join(HUTCHINSON_MODES)
             raise ValueError(f"unknown Hutchinson mode {hutchinson!r}; choose one of {choices}")
@@ -331,6 +340,7 @@ class CNF(nn.Module):
         self.condition_dim = condition_dim
         self.t1 = float(t1)
         self.chunk_size = chunk_size
+        self.max_num_steps = max_num_steps
         self.counter = NFECounter()
         self._takes_c = takes_c
         self._backward_mark = 0
@@ -399,8 +409,11 @@ class CNF(nn.Module):
         options: dict = {}
         if self.solver in FIXED_SOLVERS:
             options["step_size"] = self.step_size
-        elif not isinstance(y0, Tensor):
-            options["norm"] = _density_norm
+        else:
+            if not isinstance(y0, Tensor):
+                options["norm"] = _density_norm
+            if self.max_num_steps is not None:
+                options["max_num_steps"] = self.max_num_steps
         rtol, atol = (self.rtol, self.atol) if tolerances is None else tolerances
         kwargs = {"rtol": rtol, "atol": atol, "method": self.solver, "options": options}
         dynamics.active = True
@@ -413,6 +426,13 @@ class CNF(nn.Module):
                 out = odeint_adjoint(dynamics, y0, t, adjoint_params=tuple(params), **kwargs)
             else:
                 out = odeint(dynamics, y0, t, **kwargs)
+        except AssertionError as err:  # torchdiffeq's adaptive step control gives up by assertion
+            if not str(err).startswith(SOLVER_FAILURES):
+                raise
+            raise NumericalError(
+                f"the ODE solve from t={t0:g} to t={t1:g} failed ({err}; {self.solver}, rtol={rtol:g}, "
+                f"atol={atol:g}): the velocity field is stiff or non-finite there"
+            ) from None
         finally:
             dynamics.active = False
         return out[-1] if isinstance(out, Tensor) else tuple(s[-1] for s in out)
@@ -560,6 +580,14 @@ class CNF(nn.Module):
             raise ValueError("transform is not defined with augmented dimensions (it needs a draw of a)")
         dynamics = self._dynamics("transform", condition=c)
         return self._solve(dynamics, h, 0.0, self.t1).reshape(x.shape)
+
+    @property
+    def divergence_hint(self) -> str:
+        """What to change when training keeps failing (read by the runner)."""
+        return (
+            "train with a fixed-step solver (solver=rk4 with step_size), a lower optim.lr, "
+            "looser train_rtol/train_atol, or RNODE regularisation (kinetic, jacobian > 0)"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -27,6 +27,12 @@ class Loss:
     parts: dict[str, Tensor] = field(default_factory=dict)
 
 
+class NumericalError(ArithmeticError):
+    """A model could not compute a finite result for this input, for example because an adaptive
+    ODE solve failed (its step size underflowed, or it took more than the allowed steps). The
+    training runner treats it in ``loss`` like a non-finite loss: the batch is skipped and counted."""
+
+
 @runtime_checkable
 class DensityModel(Protocol):
     """Structural type of every freeflows model."""

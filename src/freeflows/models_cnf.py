@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "augment_dims": 0,
     "t1": 1.0,
     "chunk_size": None,
+    "max_num_steps": 10_000,
 }
 
 
@@ -46,8 +47,8 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
 
     Options (defaults in :data:`DEFAULTS`): ``hidden``, ``layers``, ``activation`` of the
     :class:`~freeflows.nets.velocity.TimeMLP`; ``trace``, ``hutchinson``, ``solver``, ``rtol``,
-    ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1``, ``chunk_size`` of the CNF; ``kinetic`` and
-    ``jacobian``, the RNODE weights :math:`\\lambda_K, \\lambda_J`.
+    ``atol``, ``step_size``, ``adjoint``, ``augment_dims``, ``t1``, ``chunk_size``, ``max_num_steps`` of
+    the CNF; ``kinetic`` and ``jacobian``, the RNODE weights :math:`\\lambda_K, \\lambda_J`.
     """
     check_options("cnf", options, DEFAULTS)
     opts = {**DEFAULTS, **options}
@@ -78,6 +79,7 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
         condition_dim=condition_dim,
         t1=opts["t1"],
         chunk_size=opts["chunk_size"],
+        max_num_steps=opts["max_num_steps"],
     )
 
 

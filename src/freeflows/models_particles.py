@@ -55,6 +55,7 @@ ECNF_DEFAULTS: dict[str, Any] = {
     "jacobian": 0.0,
     "t1": 1.0,
     "chunk_size": None,
+    "max_num_steps": 10_000,
 }
 
 
@@ -134,6 +135,7 @@ def build_ecnf(
         regularization={"kinetic": o["kinetic"], "jacobian": o["jacobian"]},
         t1=o["t1"],
         chunk_size=o["chunk_size"],
+        max_num_steps=o["max_num_steps"],
     )
 
 

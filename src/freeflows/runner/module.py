@@ -10,7 +10,9 @@ Every training step reseeds torch's global generator from (seed, step, rank): th
 of a step does not depend on what ran before it, which makes resume exact.
 
 Optimisation is manual so that a non-finite loss or gradient skips the batch on every rank
-(the decision is reduced across processes, so DDP ranks never disagree).
+(the decision is reduced across processes, so DDP ranks never disagree). A
+:class:`~freeflows.contract.NumericalError` from ``loss`` (for example a failed ODE solve) counts
+as a non-finite loss.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from ..contract import NumericalError
 from .callbacks import DivergenceError
 from .data import unpack
 
@@ -105,8 +108,13 @@ class FlowModule(L.LightningModule):
         torch.manual_seed((self.seed * 1_000_003 + self.global_step) * 64 + self.global_rank)
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        loss = self.model.loss(x, c)
-        if self._any_rank(not torch.isfinite(loss.value).item()):
+        try:
+            loss = self.model.loss(x, c)
+        except NumericalError as err:  # e.g. a failed ODE solve: the batch has no finite loss
+            rank_zero_warn(f"step {self.global_step}: {err}")
+            loss = None
+        # every rank joins the same reductions, whether or not its own batch failed
+        if self._any_rank(loss is None or not torch.isfinite(loss.value).item()):
             self._skip("loss")
             return None
         opt.zero_grad(set_to_none=True)
@@ -132,11 +140,15 @@ class FlowModule(L.LightningModule):
     # -- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         x, c = unpack(batch)
-        with torch.enable_grad():
-            log_prob = self.model.log_prob(x, c).detach()
-            extra = {}
-            if hasattr(self.model, "diagnostics"):
-                extra = self.model.diagnostics(x, c, log_prob=log_prob)
+        extra = {}
+        try:
+            with torch.enable_grad():
+                log_prob = self.model.log_prob(x, c).detach()
+                if hasattr(self.model, "diagnostics"):
+                    extra = self.model.diagnostics(x, c, log_prob=log_prob)
+        except NumericalError as err:  # an infinite val/nll never becomes the best checkpoint
+            rank_zero_warn(f"validation at step {self.global_step}: {err}")
+            log_prob, extra = torch.full((x.shape[0],), -math.inf, device=x.device), {}
         self.log("val/nll", -log_prob.mean(), prog_bar=True, sync_dist=True)
         for key, value in extra.items():
             self.log(f"val/{key}", value, sync_dist=True)
