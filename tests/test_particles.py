@@ -199,3 +199,14 @@ def test_particle_plots(tmp_path):
     p2 = plot_distance_histogram(samples, data, 4, 2, tmp_path / "sub" / "distances.png")
     for p in (p1, p2):
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_histogram_range_follows_the_data_not_exploding_samples():
+    from freeflows.plots_particles import _data_range
+
+    data = np.random.default_rng(0).normal(-43.0, 3.0, size=5000)
+    lo, hi = _data_range(data)
+    q001, q999 = np.quantile(data, [0.001, 0.999])
+    assert lo < q001 and hi > q999  # all but the data's extreme tails is shown, with room above
+    assert hi < q999 + 1.01 * (q999 - q001)  # a sample at 1e6 energy does not stretch the axis
+    assert _data_range(np.array([])) == (0.0, 1.0)

@@ -17,6 +17,17 @@ def _numpy(x: Tensor) -> np.ndarray:
     return x.detach().double().cpu().numpy().reshape(-1)
 
 
+def _data_range(reference: np.ndarray) -> tuple[float, float]:
+    """The plotted range: the reference's 0.1 % to 99.9 % quantiles, widened by a quarter of
+    their span below and a whole span above (room for a hotter model), so that a few exploding
+    samples neither squash the plot nor hide; values outside are counted in the legend."""
+    if reference.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.quantile(reference, [0.001, 0.999])
+    span = max(hi - lo, 1e-12)
+    return (float(lo - 0.25 * span), float(hi + span))
+
+
 def _histograms(series: dict[str, np.ndarray], path: str | Path, xlabel: str, bins: int, value_range) -> Path:
     import matplotlib
 
@@ -25,10 +36,12 @@ def _histograms(series: dict[str, np.ndarray], path: str | Path, xlabel: str, bi
 
     finite = [v[np.isfinite(v)] for v in series.values()]
     if value_range is None:
-        both = np.concatenate(finite)
-        value_range = tuple(np.quantile(both, [0.001, 0.999])) if both.size else (0.0, 1.0)
+        value_range = _data_range(finite[0])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (label, _), values in zip(series.items(), finite, strict=True):
+    for (label, raw), values in zip(series.items(), finite, strict=True):
+        outside = raw.size - np.count_nonzero((values >= value_range[0]) & (values <= value_range[1]))
+        if outside:
+            label = f"{label} ({100 * outside / max(raw.size, 1):.1f}% outside)"
         ax.hist(values, bins=bins, range=value_range, density=True, histtype="step", lw=1.5, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
@@ -51,8 +64,8 @@ def plot_energy_histogram(
 ) -> Path:
     """Histogram of :math:`E(x)` for model samples and for data; returns the PNG path.
 
-    The default range is the 0.1 % to 99.9 % quantiles of both sets, so a few exploding samples
-    do not squash the plot.
+    The default range follows the data (see :func:`_data_range`); the legend counts the samples
+    that fall outside it (non-finite energies included).
     """
     with torch.no_grad():
         series = {"data": _numpy(energy(data)), "model": _numpy(energy(samples))}
