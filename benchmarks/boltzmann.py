@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--runs", type=Path, default=Path("runs") / NAME)
     p.add_argument("--report", action="store_true", help="only merge the per-system JSON into the report")
+    p.add_argument(
+        "--only",
+        choices=["fff-egnn", "ecnf"],
+        help="train only this model kind; the other's row is kept from the system's existing JSON",
+    )
     return p.parse_args(argv)
 
 
@@ -166,7 +171,19 @@ def run_system(system: str, args: argparse.Namespace) -> None:
         "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core CPU",
         "rows": [],
     }
+    kept = {}
+    if args.only:
+        if not out.is_file():
+            raise SystemExit(f"--only {args.only}: {out} has no earlier rows to keep")
+        kept = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
     for preset in PRESETS[system]:
+        kind = "ecnf" if preset.endswith("-ecnf") else "fff-egnn"
+        if args.only and kind != args.only:
+            if preset not in kept:
+                raise SystemExit(f"--only {args.only}: {out} has no row of {preset} to keep")
+            print(f"[{system}] keeping the earlier {preset} row", flush=True)
+            result["rows"].append({**kept[preset], "kept_from_earlier_run": True})
+            continue
         print(f"[{system}] training {preset} for {args.minutes} min", flush=True)
         result["rows"].append(train_one(preset, args))
         out.write_text(json.dumps(result, indent=2))
