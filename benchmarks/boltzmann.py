@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=Path("runs") / NAME)
     p.add_argument("--report", action="store_true", help="only merge the per-system JSON into the report")
     p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw the histograms of the trained runs (fresh draws, seed --seed) and copy them",
+    )
+    p.add_argument(
         "--only",
         choices=["fff-egnn", "ecnf"],
         help="train only this model kind; the other's row is kept from the system's existing JSON",
@@ -237,8 +242,26 @@ def report(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def replot(args: argparse.Namespace) -> None:
+    """Redraw the energy and distance histograms of every trained run of ``--systems``."""
+    from freeflows.runner.train import load_run, write_plots
+
+    for system in args.systems:
+        for preset in PRESETS[system]:
+            run = args.runs / preset
+            _, data, model = load_run(run)
+            torch.manual_seed(args.seed)
+            for path in write_plots(run, model, data):
+                if path.stem in ("energy", "distances"):
+                    shutil.copy(path, args.out / f"{NAME}_{preset}_{path.stem}.png")
+            print(f"[{system}] redrew the histograms of {run}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        replot(args)
+        return
     if args.report:
         report(args)
         return

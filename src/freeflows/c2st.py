@@ -32,13 +32,14 @@ Two classifiers implement it:
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-C2STClassifier = Literal["sklearn", "torch"]
+C2STClassifier = Literal["sklearn", "torch", "batched"]
 
 
 def c2st(
@@ -58,21 +59,62 @@ def c2st(
         seed: seed of the folds and the classifier.
         n_folds: number of cross-validation folds :math:`K`.
         z_score: z-score both sets with the mean and standard deviation of ``x``.
-        classifier: ``"sklearn"`` (reference) or ``"torch"`` (fast).
+        classifier: ``"sklearn"`` (reference), ``"batched"`` (its fast copy) or ``"torch"``.
     """
-    x, y = _check_samples(x, y)
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    if z_score:
-        mean, std = x.mean(dim=0), x.std(dim=0)
-        x, y = (x - mean) / std, (y - mean) / std
-    data = torch.cat([x, y]).cpu()
-    labels = torch.cat([torch.zeros(x.shape[0]), torch.ones(y.shape[0])])
+    data, labels = _labelled(x, y, z_score)
+    _check_folds(n_folds)
     if classifier == "sklearn":
         return _c2st_sklearn(data, labels, seed, n_folds)
     if classifier == "torch":
         return _c2st_torch(data, labels, seed, n_folds)
-    raise ValueError(f"unknown C2ST classifier {classifier!r}; choose 'sklearn' or 'torch'")
+    if classifier == "batched":
+        return _c2st_batched([(data, labels)], [seed], n_folds)[0]
+    raise ValueError(f"unknown C2ST classifier {classifier!r}; choose 'sklearn', 'torch' or 'batched'")
+
+
+def c2st_many(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    *,
+    seed: int | Sequence[int] = 1,
+    n_folds: int = 5,
+    z_score: bool = True,
+) -> list[float]:
+    r"""C2ST accuracies of many pairs ``(x, y)`` with the ``"batched"`` classifier, all at once.
+
+    The :math:`C = \text{pairs} \times K` classifiers are trained simultaneously as one batched
+    model (one per dimension :math:`d` among the pairs). The result is exactly
+    ``[c2st(x, y, seed=s, n_folds=n_folds, z_score=z_score, classifier="batched") for ...]``:
+    a classifier's folds, initial weights and shuffles depend only on its pair and its seed.
+
+    Args:
+        pairs: the ``(x [n, d], y [m, d])`` pairs; sizes and dimensions may differ between pairs.
+        seed: seed of every pair, or one seed per pair.
+        n_folds: number of cross-validation folds :math:`K`.
+        z_score: z-score each pair with the mean and standard deviation of its ``x``.
+    """
+    seeds = [seed] * len(pairs) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(pairs):
+        raise ValueError(f"got {len(seeds)} seeds for {len(pairs)} pairs")
+    _check_folds(n_folds)
+    return _c2st_batched([_labelled(x, y, z_score) for x, y in pairs], seeds, n_folds)
+
+
+def _labelled(x: Tensor, y: Tensor, z_score: bool) -> tuple[Tensor, Tensor]:
+    """Checked, optionally z-scored samples ``[x; y]`` on the CPU and their labels 0 and 1."""
+    x, y = _check_samples(x, y)
+    if z_score:
+        mean, std = x.mean(dim=0), x.std(dim=0)
+        x, y = (x - mean) / std, (y - mean) / std
+    data = torch.cat([x, y]).cpu()
+    if not torch.isfinite(data).all():
+        raise ValueError("z-scored C2ST samples are not finite: x has a constant coordinate")
+    labels = torch.cat([torch.zeros(x.shape[0]), torch.ones(y.shape[0])])
+    return data, labels
+
+
+def _check_folds(n_folds: int) -> None:
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
 
 
 def _check_samples(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,3 +231,278 @@ def _c2st_torch(data: Tensor, labels: Tensor, seed: int, n_folds: int) -> float:
                 predicted = (model(data[test_t]) > 0).float()
             scores.append((predicted == labels[test_t]).float().mean().item())
     return float(np.mean(scores))
+
+
+# -- "batched": scikit-learn's MLPClassifier (sbibm's settings) re-implemented for C nets at once ---
+_ALPHA = 1e-4  # L2 penalty
+_BATCH = 200  # batch_size="auto": min(200, n_train)
+_LR, _BETA1, _BETA2, _EPS = 1e-3, 0.9, 0.999, 1e-8  # Adam
+_TOL, _PATIENCE, _MAX_EPOCHS = 1e-4, 10, 10000  # stopping on the training loss
+_CLIP = float(torch.finfo(torch.float32).eps)  # probabilities are clipped to [eps, 1 - eps] in the loss
+# Exactness: a net's result must not depend on the other nets in the batch, but MKL's matmuls and
+# vectorised kernels round differently depending on alignment and on where a tensor ends. So every
+# net's block of a tensor starts on 64 bytes (16 floats): batches padded to _ROWS rows with
+# zero-weight rows, parameters in rows of 16-float aligned blocks (_layout), element-wise
+# transcendentals on rows padded to 64 entries (_rowwise); and a lone net is trained as two copies
+# (a batch of one takes other matmul kernels).
+_ROWS = 208  # 200 rows padded to a multiple of 16
+_ALIGN = 16  # floats in 64 bytes
+_CHUNK_UNITS = 800  # nets x hidden units per chunk of a step
+
+
+class _Job(NamedTuple):
+    """One classifier: rows of the shared data it trains and is tested on, and its seed."""
+
+    train: Tensor
+    test: Tensor
+    seed: int
+
+
+def _glorot(dim: int, generator: torch.Generator) -> list[Tensor]:
+    r"""``[W1, b1, W2, b2, W3, b3]`` of ``d -> 10d -> 10d -> 1``, weights and biases of a layer
+    uniform in :math:`\pm\sqrt{6 / (\text{fan\_in} + \text{fan\_out})}` (Glorot), in this order."""
+    width = 10 * dim
+    params = []
+    for fan_in, fan_out in [(dim, width), (width, width), (width, 1)]:
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        for shape in [(fan_in, fan_out), (1, fan_out)]:
+            params.append((2 * torch.rand(shape, generator=generator) - 1) * bound)
+    return params
+
+
+def _layout(dim: int) -> tuple[list[tuple[int, int]], list[int], int]:
+    """Shapes of ``[W1, b1, W2, b2, W3, b3]``, their offsets in a net's row of the flat parameter
+    buffer (each a multiple of 16 floats), and the row's length."""
+    width = 10 * dim
+    shapes = [(dim, width), (1, width), (width, width), (1, width), (width, 1), (1, 1)]
+    offsets, size = [], 0
+    for rows, cols in shapes:
+        offsets.append(size)
+        size += -(-rows * cols // _ALIGN) * _ALIGN
+    return shapes, offsets, size
+
+
+def _unflatten(flat: Tensor, dim: int) -> list[Tensor]:
+    """Views ``[C, fan_in, fan_out]`` of ``[W1, b1, W2, b2, W3, b3]`` in ``flat [C, size]``."""
+    shapes, offsets, _ = _layout(dim)
+    return [flat[:, o : o + r * c].view(-1, r, c) for (r, c), o in zip(shapes, offsets, strict=True)]
+
+
+def _rowwise(function: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    """``function(t)`` of an element-wise ``function`` and ``t [C, B]``, computed on rows padded to
+    a multiple of 64 entries (so that no net's entries are a vectorised kernel's remainder)."""
+    width = -(-t.shape[-1] // 64) * 64
+    return function(nn.functional.pad(t, (0, width - t.shape[-1]), value=1.0))[..., : t.shape[-1]]
+
+
+def _relu_backward(delta: Tensor, hidden: Tensor) -> Tensor:
+    """``delta`` where the ReLU output ``hidden > 0``, else 0 (as scikit-learn's derivative)."""
+    return torch.ops.aten.threshold_backward(delta, hidden, 0.0)
+
+
+class _BatchedMLP:
+    r"""``C`` independent MLPs :math:`d \to 10d \to 10d \to 1` (ReLU, logistic output), each
+    trained by scikit-learn's Adam on its own batches. A net's parameters are a row of ``theta
+    [C, size]`` (see :func:`_layout`), viewed as weights ``[C, fan_in, fan_out]`` and biases
+    ``[C, 1, fan_out]``; gradients are back-propagated by hand (as scikit-learn does); ``m, v``
+    are Adam's moments and ``t [C]`` its step counts.
+    """
+
+    def __init__(self, dim: int, theta: Tensor, m: Tensor, v: Tensor, t: Tensor):
+        self.dim, self.theta, self.m, self.v, self.t = dim, theta, m, v, t
+        self.params = _unflatten(theta, dim)
+
+    @classmethod
+    def start(cls, dim: int, params: list[list[Tensor]]) -> _BatchedMLP:
+        """Nets with initial parameters ``params`` (one :func:`_glorot` list per net)."""
+        theta = torch.zeros(len(params), _layout(dim)[2])
+        for view, values in zip(_unflatten(theta, dim), zip(*params, strict=True), strict=True):
+            view.copy_(torch.stack(values))
+        zeros = torch.zeros_like(theta)
+        return cls(dim, theta, zeros, zeros.clone(), torch.zeros(len(theta), dtype=torch.float64))
+
+    def select(self, nets: Tensor | slice) -> _BatchedMLP:
+        """The nets ``nets``: a copy for indices (possibly repeated), a view for a slice."""
+        return _BatchedMLP(self.dim, self.theta[nets], self.m[nets], self.v[nets], self.t[nets])
+
+    def chunks(self) -> list[tuple[slice, _BatchedMLP]]:
+        """Views of consecutive groups of at least 2 nets, each small enough for the cache (a step
+        of all the nets at once is slower when memory-bound), as ``(slice, nets)``."""
+        size = max(4, _CHUNK_UNITS // (10 * self.dim))
+        bounds = np.linspace(0, len(self.t), -(-len(self.t) // size) + 1).round().astype(int).tolist()
+        slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [(s, self.select(s)) for s in slices]
+
+    def probability(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Hidden activations ``h1, h2 [C, B, 10d]`` and :math:`\hat p = \sigma(z)` ``[C, B]``."""
+        w1, b1, w2, b2, w3, b3 = self.params
+        h1 = torch.baddbmm(b1, x, w1).relu_()
+        h2 = torch.baddbmm(b2, h1, w2).relu_()
+        z = (h2 * w3.mT).sum(-1) + b3.view(-1, 1)  # one output unit: no matmul needed
+        return h1, h2, _rowwise(torch.sigmoid, z)
+
+    def loss_and_grad(self, x: Tensor, y: Tensor, w: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Batch loss of each net and its gradient (laid out as ``theta``): with :math:`b` the
+        batch of a net (its rows of ``x [C, B, d]`` with weight ``w = 1``; ``count`` :math:`= |b|`),
+
+        .. math:: L_b = -\frac{1}{|b|} \sum_{i \in b} \big[\ell_i \log \bar p_i
+            + (1 - \ell_i) \log(1 - \bar p_i)\big] + \frac{\alpha}{2 |b|} \sum_l \|W_l\|_F^2 ,
+
+        :math:`\bar p = \mathrm{clip}(\hat p, \epsilon, 1 - \epsilon)`; the gradient is that of
+        the unclipped loss: :math:`\partial L_b / \partial z_i = (\hat p_i - \ell_i) / |b|`, back-
+        propagated through the ReLUs, plus :math:`\alpha W_l / |b|` for each weight.
+        """
+        w1, _, w2, _, w3, _ = self.params
+        h1, h2, p = self.probability(x)
+        clipped = p.clamp(_CLIP, 1 - _CLIP)
+        log_likelihood = (_rowwise(torch.log, torch.where(y, clipped, 1 - clipped)) * w).sum(1)
+        squares = sum(weight.square().sum((1, 2)) for weight in (w1, w2, w3))
+        loss = (0.5 * _ALPHA * squares - log_likelihood) / count
+        delta3 = ((p - y.float()) * w).unsqueeze(-1)  # [C, B, 1]; zero on padding rows
+        delta2 = _relu_backward(delta3 * w3.mT, h2)
+        delta1 = _relu_backward(torch.bmm(delta2, w2.mT), h1)
+        grad = torch.zeros_like(self.theta)
+        g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = _unflatten(grad, self.dim)
+        torch.baddbmm(w1, x.mT, delta1, beta=_ALPHA, out=g_w1)
+        torch.baddbmm(w2, h1.mT, delta2, beta=_ALPHA, out=g_w2)
+        torch.add((h2 * delta3).sum(1).unsqueeze(-1), w3, alpha=_ALPHA, out=g_w3)
+        for g_b, delta in [(g_b1, delta1), (g_b2, delta2), (g_b3, delta3)]:
+            torch.sum(delta, 1, keepdim=True, out=g_b)
+        return loss, grad.div_(count.unsqueeze(1))
+
+    def adam_step(self, grad: Tensor, update: Tensor | None = None) -> None:
+        r"""scikit-learn's Adam step of the nets ``update`` (a mask ``[C]``; all if ``None``):
+
+        .. math:: m \leftarrow \beta_1 m + (1 - \beta_1) g ,\quad
+            v \leftarrow \beta_2 v + (1 - \beta_2) g^2 ,\quad
+            \theta \leftarrow \theta - \eta \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
+            \frac{m}{\sqrt v + \epsilon} .
+        """
+        self.t += 1.0 if update is None else update.double()
+        rate = (_LR * (1 - _BETA2**self.t).sqrt() / (1 - _BETA1**self.t)).float().unsqueeze(1)
+        m = self.m * _BETA1 + grad * (1 - _BETA1)
+        v = self.v * _BETA2 + grad.square() * (1 - _BETA2)
+        theta = self.theta - rate * m / (v.sqrt() + _EPS)
+        if update is not None:
+            keep = update.unsqueeze(1)
+            m, v = torch.where(keep, m, self.m), torch.where(keep, v, self.v)
+            theta = torch.where(keep, theta, self.theta)
+        self.m.copy_(m)
+        self.v.copy_(v)
+        self.theta.copy_(theta)
+
+    def accuracy(self, index: int, x: Tensor, labels: Tensor) -> float:
+        """Accuracy of net ``index`` on ``x [n, d]``: label 1 iff :math:`\\hat p > 1/2`."""
+        w1, b1, w2, b2, w3, b3 = (p[index] for p in self.params)
+        z = torch.relu(torch.relu(x @ w1 + b1) @ w2 + b2) @ w3 + b3
+        return float(((torch.sigmoid(z.view(-1)) > 0.5) == labels).double().mean())
+
+
+class _Shuffles:
+    r"""Each epoch, a fresh permutation of every net's training rows. A net's stream depends only
+    on its seed and training size (``torch.Generator(seed)``, first used for :func:`_glorot`, then
+    one ``randperm`` per epoch), so nets sharing both share one generator."""
+
+    def __init__(self, jobs: list[_Job], dim: int):
+        self.generators: dict[tuple[int, int], torch.Generator] = {}
+        for job in jobs:
+            key = (job.seed, len(job.train))
+            if key not in self.generators:
+                self.generators[key] = torch.Generator().manual_seed(job.seed)
+                _glorot(dim, self.generators[key])
+
+    def orders(self, jobs: list[_Job], width: int, pad: int) -> Tensor:
+        """``[C, width]`` rows of the shared data, each net's shuffled training rows first, then
+        ``pad``."""
+        keys = [(job.seed, len(job.train)) for job in jobs]
+        order = torch.full((len(jobs), width), pad, dtype=torch.int32)
+        for key in dict.fromkeys(keys):
+            perm = torch.randperm(key[1], generator=self.generators[key])
+            for c in (c for c, k in enumerate(keys) if k == key):
+                order[c, : key[1]] = jobs[c].train[perm]
+        return order
+
+
+def _train_and_score(data: Tensor, labels: Tensor, jobs: list[_Job]) -> list[float]:
+    r"""Train the nets of ``jobs`` on rows of ``data [N, d]`` simultaneously, as scikit-learn's
+    ``MLPClassifier(solver="adam")`` would each; return their test accuracies.
+
+    An epoch cuts a fresh shuffle of a net's :math:`n` training rows into batches of
+    :math:`\min(200, n)` (the last one partial) with one Adam step each; nets with fewer batches
+    skip the last steps. After each epoch, with :math:`\bar L = \sum_b |b| L_b / n`, a net counts
+    an epoch without improvement if :math:`\bar L > \bar L_{\mathrm{best}} - \mathrm{tol}` (else
+    resets the count), then :math:`\bar L_{\mathrm{best}} \leftarrow \min(\bar L_{\mathrm{best}},
+    \bar L)`. It stops when the count exceeds 10 or after 10,000 epochs, is tested, and is dropped.
+    """
+    dim = data.shape[1]
+    data = torch.cat([data.float(), data.new_zeros(1, dim)])  # the last row pads the batches
+    labels = torch.cat([labels.bool(), labels.new_zeros(1, dtype=torch.bool)])
+    shuffles = _Shuffles(jobs, dim)
+    init = {seed: _glorot(dim, torch.Generator().manual_seed(seed)) for seed in {j.seed for j in jobs}}
+    alive = list(range(len(jobs))) * (2 if len(jobs) == 1 else 1)  # the job of each net
+    mlp = _BatchedMLP.start(dim, [init[jobs[j].seed] for j in alive])
+    best = torch.full((len(alive),), float("inf"))
+    bad = torch.zeros(len(alive), dtype=torch.long)
+    scores = [0.0] * len(jobs)
+    for epoch in range(1, _MAX_EPOCHS + 1):
+        loss = _epoch(mlp, data, labels, [jobs[j] for j in alive], shuffles)
+        if not torch.isfinite(loss).all():  # scikit-learn would train on to max_iter, then raise
+            raise ValueError("C2ST classifier training diverged (non-finite loss)")
+        bad = torch.where(loss > best - _TOL, bad + 1, 0)
+        best = torch.minimum(best, loss)
+        done = (bad > _PATIENCE) | (epoch == _MAX_EPOCHS)
+        for c in done.nonzero().view(-1).tolist():
+            job = jobs[alive[c]]
+            scores[alive[c]] = mlp.accuracy(c, data[job.test], labels[job.test])
+        if done.all():
+            break
+        keep = (~done).nonzero().view(-1)
+        if len(keep) == 1:  # train two copies of a lone net (see _ROWS)
+            keep = keep.repeat(2)
+        if not torch.equal(keep, torch.arange(len(alive))):
+            mlp = mlp.select(keep)
+            best, bad, alive = best[keep], bad[keep], [alive[c] for c in keep.tolist()]
+    return scores
+
+
+def _epoch(mlp: _BatchedMLP, data: Tensor, labels: Tensor, jobs: list[_Job], shuffles: _Shuffles) -> Tensor:
+    """One epoch of every net (see :func:`_train_and_score`); returns the epoch losses ``[C]``."""
+    sizes = torch.tensor([len(job.train) for job in jobs])
+    steps = int((sizes.max() + _BATCH - 1) // _BATCH)
+    pad = data.shape[0] - 1
+    order = shuffles.orders(jobs, steps * _BATCH, pad).view(-1, steps, _BATCH).transpose(0, 1)
+    order = nn.functional.pad(order, (0, _ROWS - _BATCH), value=pad)  # [steps, C, _ROWS]
+    count = (sizes - _BATCH * torch.arange(steps).unsqueeze(1)).clamp(0, _BATCH)  # [steps, C]
+    total = torch.zeros(len(jobs))
+    chunks = mlp.chunks()
+    for k in range(steps):
+        x, y, w = data[order[k]], labels[order[k]], (order[k] != pad).float()
+        for nets, part in chunks:
+            n = count[k, nets]
+            loss, grad = part.loss_and_grad(x[nets], y[nets], w[nets], n.clamp(min=1))
+            total[nets] += loss * n
+            part.adam_step(grad, None if bool(n.all()) else n > 0)
+    return total / sizes
+
+
+def _c2st_batched(sets: list[tuple[Tensor, Tensor]], seeds: list[int], n_folds: int) -> list[float]:
+    """sbibm's protocol with :func:`_train_and_score`: the folds of set ``i`` are scikit-learn's
+    ``KFold(n_folds, shuffle=True, random_state=seeds[i])``, its nets are seeded with ``seeds[i]``;
+    the sets of each dimension are trained together."""
+    scores: list[float] = [0.0] * len(sets)
+    for dim in dict.fromkeys(data.shape[1] for data, _ in sets):
+        members = [i for i, (data, _) in enumerate(sets) if data.shape[1] == dim]
+        offsets = np.cumsum([0] + [len(sets[i][0]) for i in members]).tolist()
+        jobs = []
+        for i, offset in zip(members, offsets, strict=False):
+            folds = [torch.from_numpy(f) + offset for f in _fold_indices(len(sets[i][0]), n_folds, seeds[i])]
+            for k, test in enumerate(folds):
+                train = torch.cat([f for j, f in enumerate(folds) if j != k]).int()
+                jobs.append(_Job(train, test, seeds[i]))
+        data = torch.cat([sets[i][0] for i in members])
+        labels = torch.cat([sets[i][1] for i in members])
+        accuracies = _train_and_score(data, labels, jobs)
+        for a, i in enumerate(members):
+            fold_scores = accuracies[a * n_folds : (a + 1) * n_folds]
+            scores[i] = float(np.mean(fold_scores).astype(np.float32))
+    return scores

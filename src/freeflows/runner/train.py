@@ -179,43 +179,48 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
     return cfg, data, model
 
 
+def write_plots(run_dir: Path, model: nn.Module, data: DataSet) -> list[Path]:
+    """The run's plots: for particle data (``data.kind == "particles"``) histograms of the energy
+    (``energy.png``) and of inter-particle distances (``distances.png``) of model samples against
+    the test split, otherwise the density and sample plots; always the curves."""
+    from .. import plots
+
+    with torch.no_grad():
+        samples = model.sample(min(5000, len(data.test)), None if data.test.c is None else data.test.c[0])
+    if data.kind == "particles":
+        from .. import plots_particles
+
+        made = []
+        if "energy" in data.meta:
+            made.append(
+                plots_particles.plot_energy_histogram(
+                    data.meta["energy"], samples, data.test.x, run_dir / "energy.png"
+                )
+            )
+        made.append(
+            plots_particles.plot_distance_histogram(
+                samples,
+                data.test.x,
+                data.meta["n_particles"],
+                data.meta["n_dims"],
+                run_dir / "distances.png",
+            )
+        )
+    else:
+        made = [
+            plots.plot_density(model, data, run_dir / "density.png"),
+            plots.plot_samples(samples, data, run_dir / "samples.png"),
+        ]
+    made.append(plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png"))
+    return [p for p in made if p is not None]
+
+
 def write_outputs(
     run_dir: Path, model: nn.Module, data: DataSet, metrics: dict[str, Any], plot: bool = True
 ) -> None:
-    """metrics.json and the plots: for particle data (``data.kind == "particles"``) histograms of
-    the energy (``energy.png``) and of inter-particle distances (``distances.png``) of model
-    samples against the test split, otherwise the density and sample plots; always the curves."""
+    """metrics.json (written atomically) and, if ``plot``, the plots of :func:`write_plots`."""
     if plot:
-        from .. import plots
-
-        with torch.no_grad():
-            samples = model.sample(min(5000, len(data.test)), None if data.test.c is None else data.test.c[0])
-        if data.kind == "particles":
-            from .. import plots_particles
-
-            made = []
-            if "energy" in data.meta:
-                made.append(
-                    plots_particles.plot_energy_histogram(
-                        data.meta["energy"], samples, data.test.x, run_dir / "energy.png"
-                    )
-                )
-            made.append(
-                plots_particles.plot_distance_histogram(
-                    samples,
-                    data.test.x,
-                    data.meta["n_particles"],
-                    data.meta["n_dims"],
-                    run_dir / "distances.png",
-                )
-            )
-        else:
-            made = [
-                plots.plot_density(model, data, run_dir / "density.png"),
-                plots.plot_samples(samples, data, run_dir / "samples.png"),
-            ]
-        made.append(plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png"))
-        metrics["plots"] = [p.name for p in made if p is not None]
+        metrics["plots"] = [p.name for p in write_plots(run_dir, model, data)]
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
