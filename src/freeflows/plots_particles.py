@@ -41,7 +41,8 @@ def _histograms(series: dict[str, np.ndarray], path: str | Path, xlabel: str, bi
     for (label, raw), values in zip(series.items(), finite, strict=True):
         outside = raw.size - np.count_nonzero((values >= value_range[0]) & (values <= value_range[1]))
         if outside:
-            label = f"{label} ({100 * outside / max(raw.size, 1):.1f}% outside)"
+            share = 100 * outside / max(raw.size, 1)
+            label = f"{label} ({f'{share:.1f}%' if share >= 0.1 else '<0.1%'} outside)"
         ax.hist(values, bins=bins, range=value_range, density=True, histtype="step", lw=1.5, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
