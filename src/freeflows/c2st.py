@@ -264,7 +264,7 @@ def _c2st_torch(data: Tensor, labels: Tensor, seed: int, n_folds: int) -> float:
 
 
 # -- "batched": scikit-learn's MLPClassifier (sbibm's settings) re-implemented for C nets at once ---
-_ALPHA = 0.0  # L2 penalty
+_ALPHA = 1e-4  # L2 penalty
 _BATCH = 200  # batch_size="auto": min(200, n_train)
 _LR, _BETA1, _BETA2, _EPS = 1e-3, 0.9, 0.999, 1e-8  # Adam
 _TOL, _PATIENCE, _MAX_EPOCHS = 1e-4, 10, 10000  # stopping on the training loss
