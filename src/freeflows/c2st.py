@@ -41,13 +41,15 @@ Three classifiers implement the protocol:
   from seconds to minutes for 10,000 against 10,000 samples.
 * ``"batched"``, and :func:`c2st_many` for many pairs: the same algorithm re-implemented in torch
   (float32, as scikit-learn on float32 data), training all folds (and all pairs) at once as one
-  batched model whose nets stop one by one. Only its random draws differ from scikit-learn's (the
-  folds are the same). ``tests/test_c2st_batched.py`` shows that its losses, gradients and Adam
-  steps equal scikit-learn's; that given scikit-learn's random draws a whole training follows the
-  same loss curve to float32 precision, stops at the same epoch and predicts the same labels; and
-  that its scores are within 0.01 of ``"sklearn"``'s on the same samples, including 5-D (e.g. 2-D,
-  5,000 a side, 20 seeds: mean difference -0.0005, standard deviation 0.0017, as two seeds of
-  sbibm's own C2ST differ: its sd over seeds is 0.0012). **It is sbibm-comparable**, and faster
+  batched model whose nets stop one by one. It even makes scikit-learn's random draws (folds,
+  initial weights and epoch shuffles from ``numpy.random.RandomState(seed)``, in scikit-learn's
+  order), so its nets repeat scikit-learn's up to float32 rounding, which numpy and torch do in
+  different orders and which, over long trainings, can grow until a net stops at another epoch.
+  ``tests/test_c2st_batched.py`` shows that its initial weights, losses, gradients and Adam steps
+  equal scikit-learn's; that a whole training follows ``MLPClassifier.fit``'s loss curve to
+  float32 precision, stops at the same epoch and predicts the same labels; and that its scores
+  are within 0.01 of ``"sklearn"``'s on the same samples, including in 5-D (2-D, 5,000 a side:
+  differences of 0 to 0.001). **It is sbibm-comparable**, and faster
   (``benchmarks/results/c2st_speed.md``): use it, through :func:`c2st_many`, for benchmarks with
   many comparisons.
 * ``"torch"``: the same network in torch, trained with large-batch Adam and early stopping on a
@@ -62,6 +64,7 @@ Three classifiers implement the protocol:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
@@ -112,9 +115,12 @@ def c2st_many(
     r"""C2ST accuracies of many pairs ``(x, y)`` with the ``"batched"`` classifier, all at once.
 
     The :math:`C = \text{pairs} \times K` classifiers are trained simultaneously as one batched
-    model (one per dimension :math:`d` among the pairs). The result is exactly
-    ``[c2st(x, y, seed=s, n_folds=n_folds, z_score=z_score, classifier="batched") for ...]``:
-    a classifier's folds, initial weights and shuffles depend only on its pair and its seed.
+    model (one per dimension :math:`d` among the pairs), each stopping on its own criterion. The
+    result is exactly ``[c2st(x, y, seed=s, n_folds=n_folds, z_score=z_score,
+    classifier="batched") for ...]`` (at one thread): a pair's folds are
+    ``KFold(n_folds, shuffle=True, random_state=s)``'s, and each of its classifiers draws its
+    initial weights and shuffles as ``MLPClassifier(random_state=s)`` would, all from
+    ``numpy.random.RandomState(s)``, whatever the other pairs.
 
     Args:
         pairs: the ``(x [n, d], y [m, d])`` pairs; sizes and dimensions may differ between pairs.
@@ -288,15 +294,17 @@ class _Job(NamedTuple):
     seed: int
 
 
-def _glorot(dim: int, generator: torch.Generator) -> list[Tensor]:
-    r"""``[W1, b1, W2, b2, W3, b3]`` of ``d -> 10d -> 10d -> 1``, weights and biases of a layer
-    uniform in :math:`\pm\sqrt{6 / (\text{fan\_in} + \text{fan\_out})}` (Glorot), in this order."""
+def _glorot(dim: int, random_state: np.random.RandomState) -> list[Tensor]:
+    r"""``[W1, b1, W2, b2, W3, b3]`` of ``d -> 10d -> 10d -> 1``: weights and biases of a layer
+    uniform in :math:`\pm\sqrt{6 / (\text{fan\_in} + \text{fan\_out})}` (Glorot), drawn in this
+    order in float64 and rounded to float32, as scikit-learn draws them."""
     width = 10 * dim
     params = []
     for fan_in, fan_out in [(dim, width), (width, width), (width, 1)]:
-        bound = (6.0 / (fan_in + fan_out)) ** 0.5
-        for shape in [(fan_in, fan_out), (1, fan_out)]:
-            params.append((2 * torch.rand(shape, generator=generator) - 1) * bound)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        for shape in [(fan_in, fan_out), (fan_out,)]:
+            draw = random_state.uniform(-bound, bound, shape).astype(np.float32)
+            params.append(torch.from_numpy(draw).view(-1, fan_out))
     return params
 
 
@@ -429,27 +437,33 @@ class _BatchedMLP:
 
 
 class _Shuffles:
-    r"""Each epoch, a fresh permutation of every net's training rows. A net's stream depends only
-    on its seed and training size (``torch.Generator(seed)``, first used for :func:`_glorot`, then
-    one ``randperm`` per epoch), so nets sharing both share one generator."""
+    r"""Each epoch, a fresh shuffle of every net's training rows, drawn as scikit-learn does: a
+    net's stream is ``numpy.random.RandomState(seed)``, first used for :func:`_glorot`, then each
+    epoch permuting the previous epoch's order by ``shuffle(arange(n))``. It depends only on the
+    seed and the training size, so nets sharing both share one stream."""
 
     def __init__(self, jobs: list[_Job], dim: int):
-        self.generators: dict[tuple[int, int], torch.Generator] = {}
+        self.streams: dict[tuple[int, int], tuple[np.random.RandomState, np.ndarray]] = {}
         for job in jobs:
             key = (job.seed, len(job.train))
-            if key not in self.generators:
-                self.generators[key] = torch.Generator().manual_seed(job.seed)
-                _glorot(dim, self.generators[key])
+            if key not in self.streams:
+                random_state = np.random.RandomState(job.seed)
+                _glorot(dim, random_state)
+                self.streams[key] = (random_state, np.arange(len(job.train)))
 
     def orders(self, jobs: list[_Job], width: int, pad: int) -> Tensor:
-        """``[C, width]`` rows of the shared data, each net's shuffled training rows first, then
-        ``pad``."""
+        """The next epoch's ``[C, width]`` rows of the shared data: each net's shuffled training
+        rows first, then ``pad``."""
         keys = [(job.seed, len(job.train)) for job in jobs]
         order = torch.full((len(jobs), width), pad, dtype=torch.int32)
         for key in dict.fromkeys(keys):
-            perm = torch.randperm(key[1], generator=self.generators[key])
+            random_state, previous = self.streams[key]
+            permutation = np.arange(key[1])
+            random_state.shuffle(permutation)
+            self.streams[key] = (random_state, previous[permutation])
+            rows = torch.from_numpy(previous[permutation])
             for c in (c for c, k in enumerate(keys) if k == key):
-                order[c, : key[1]] = jobs[c].train[perm]
+                order[c, : key[1]] = jobs[c].train[rows]
         return order
 
 
@@ -468,7 +482,7 @@ def _train_and_score(data: Tensor, labels: Tensor, jobs: list[_Job]) -> list[flo
     data = torch.cat([data.float(), data.new_zeros(1, dim)])  # the last row pads the batches
     labels = torch.cat([labels.bool(), labels.new_zeros(1, dtype=torch.bool)])
     shuffles = _Shuffles(jobs, dim)
-    init = {seed: _glorot(dim, torch.Generator().manual_seed(seed)) for seed in {j.seed for j in jobs}}
+    init = {seed: _glorot(dim, np.random.RandomState(seed)) for seed in {j.seed for j in jobs}}
     alive = list(range(len(jobs))) * (2 if len(jobs) == 1 else 1)  # the job of each net
     mlp = _BatchedMLP.start(dim, [init[jobs[j].seed] for j in alive])
     best = torch.full((len(alive),), float("inf"))
@@ -517,8 +531,9 @@ def _epoch(mlp: _BatchedMLP, data: Tensor, labels: Tensor, jobs: list[_Job], shu
 
 def _c2st_batched(sets: list[tuple[Tensor, Tensor]], seeds: list[int], n_folds: int) -> list[float]:
     """sbibm's protocol with :func:`_train_and_score`: the folds of set ``i`` are scikit-learn's
-    ``KFold(n_folds, shuffle=True, random_state=seeds[i])``, its nets are seeded with ``seeds[i]``;
-    the sets of each dimension are trained together."""
+    ``KFold(n_folds, shuffle=True, random_state=seeds[i])`` (training rows in increasing order, as
+    ``KFold`` gives them), its nets draw as ``MLPClassifier(random_state=seeds[i])``; the sets of
+    each dimension are trained together."""
     scores: list[float] = [0.0] * len(sets)
     for dim in dict.fromkeys(data.shape[1] for data, _ in sets):
         members = [i for i, (data, _) in enumerate(sets) if data.shape[1] == dim]
@@ -527,7 +542,7 @@ def _c2st_batched(sets: list[tuple[Tensor, Tensor]], seeds: list[int], n_folds: 
         for i, offset in zip(members, offsets, strict=False):
             folds = [torch.from_numpy(f) + offset for f in _fold_indices(len(sets[i][0]), n_folds, seeds[i])]
             for k, test in enumerate(folds):
-                train = torch.cat([f for j, f in enumerate(folds) if j != k]).int()
+                train = torch.cat([f for j, f in enumerate(folds) if j != k]).sort().values.int()
                 jobs.append(_Job(train, test, seeds[i]))
         data = torch.cat([sets[i][0] for i in members])
         labels = torch.cat([sets[i][1] for i in members])

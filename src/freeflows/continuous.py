@@ -414,6 +414,10 @@ class CNF(nn.Module):
                 options["norm"] = _density_norm
             if self.max_num_steps is not None:
                 options["max_num_steps"] = self.max_num_steps
+            # Land the last step on the end time instead of stepping past it and interpolating:
+            # a trial step far beyond t1 evaluates the field at times it was never trained on,
+            # where it can overflow; torchdiffeq then gets a NaN error ratio and gives up.
+            options["step_t"] = t[-1:]
         rtol, atol = (self.rtol, self.atol) if tolerances is None else tolerances
         kwargs = {"rtol": rtol, "atol": atol, "method": self.solver, "options": options}
         dynamics.active = True
