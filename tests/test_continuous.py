@@ -417,6 +417,31 @@ def test_failed_solves_raise_numerical_error():
         CNF(random_field(), StandardNormal(2), max_num_steps=0)
 
 
+class TimeRecorder(nn.Module):
+    """A linear field that records every time it is evaluated at."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        self.times.append(float(t))
+        return -0.5 * x
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_adaptive_solves_stay_inside_the_time_interval(trace):
+    """dopri5 lands its last step on the end time: the field is never evaluated past t1 (density
+    direction) or before 0 (sampling), where a time-conditioned net was never trained."""
+    field = TimeRecorder()
+    cnf = CNF(field, StandardNormal(2), trace=trace, t1=0.7, rtol=1e-3, atol=1e-3)
+    cnf.log_prob(3 * torch.randn(16, 2))
+    assert len(field.times) > 6 and max(field.times) <= 0.7 + 1e-6 and min(field.times) >= -1e-6
+    field.times.clear()
+    cnf.sample(16)
+    assert len(field.times) > 6 and max(field.times) <= 0.7 + 1e-6 and min(field.times) >= -1e-6
+
+
 def test_import_freeflows_does_not_import_torchdiffeq():
     code = "import sys, freeflows; assert 'torchdiffeq' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
