@@ -10,7 +10,8 @@ as ``freeflows sbi``:
 
 For each reference observation, ``--num-samples`` draws inside the prior's support are compared
 with the first ``--num-samples`` of sbibm's reference samples by C2ST (``--c2st sklearn`` is
-sbibm's classifier, ``--c2st torch`` the faster one, not sbibm-comparable). 0.5 is best.
+sbibm's classifier, ``--c2st batched`` the same algorithm in torch for all observations at once,
+``--c2st torch`` a faster, different one, not sbibm-comparable). 0.5 is best.
 
 Each finished run is appended to ``benchmarks/results/<name>.jsonl`` at once (so a long job that is
 stopped keeps what it measured), and ``<name>.md`` is rewritten from all rows of that file.
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fff", "npe-nsf"], choices=["fff", "npe-nsf"])
     parser.add_argument("--observations", nargs="+", type=int, default=list(range(1, NUM_OBSERVATIONS + 1)))
     parser.add_argument("--num-samples", type=int, default=10000)
-    parser.add_argument("--c2st", choices=["sklearn", "torch"], default="sklearn")
+    parser.add_argument("--c2st", choices=["sklearn", "batched", "torch"], default="sklearn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="fff preset override")
     parser.add_argument("--runs", default="runs/bench-sbi", help="parent folder of the run directories")
@@ -84,7 +85,7 @@ def main() -> None:
                     seed=args.seed,
                     out=Path(args.runs) / f"{task}-{budget}-{method}-seed{args.seed}",
                     overrides=list(args.overrides) if method == "fff" else None,
-                    fast_c2st=args.c2st == "torch",
+                    c2st_classifier=args.c2st,
                     plots="first",
                 )
                 result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"

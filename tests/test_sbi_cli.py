@@ -85,6 +85,35 @@ def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path):
     assert not (tmp_path / "npe" / "pairplot_obs2.png").exists()
 
 
+def test_batched_c2st_scores_every_observation_at_once(tmp_path):
+    """``c2st_classifier="batched"`` scores all observations in one c2st_many call; each score is
+    the one c2st(..., classifier="batched") gives on that observation's saved draws."""
+    pytest.importorskip("sbibm")
+    pytest.importorskip("sbi")
+    from freeflows.c2st import c2st
+    from freeflows.data.sbi import reference_posterior
+    from freeflows.experiments.sbi import run_sbi
+
+    result = run_sbi(
+        "two_moons",
+        200,
+        method="npe-nsf",
+        observations=[1, 3],
+        num_samples=300,
+        out=tmp_path / "npe",
+        plots="none",
+        c2st_classifier="batched",
+        npe_options={"max_num_epochs": 2, "hidden_features": 16},
+        log=lambda message: None,
+    )
+    assert result["c2st_classifier"] == "batched" and result["sbibm_comparable"]
+    for row in result["observations"]:
+        draws = torch.from_numpy(np.load(tmp_path / "npe" / f"posterior_obs{row['observation']}.npy"))
+        reference = reference_posterior("two_moons", row["observation"])[:300]
+        alone = c2st(reference, draws, seed=1, classifier="batched")
+        assert row["c2st"] == pytest.approx(alone, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -96,6 +125,7 @@ def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path):
         (["--task", "two_moons", "--budget", "5"], "--budget"),
         (["--task", "two_moons", "--budget", "100", "--set", "data.n_train=5"], "--set"),
         (["--task", "two_moons", "--budget", "100", "--set", "model.fff.nope=1"], "nope"),
+        (["--task", "two_moons", "--budget", "100", "--c2st", "fast"], "unknown C2ST classifier"),
     ],
 )
 def test_sbi_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):

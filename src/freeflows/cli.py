@@ -71,10 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override a field of the fff preset, e.g. --set trainer.max_steps=500 (repeatable)",
     )
     b.add_argument(
-        "--fast-c2st",
-        action="store_true",
-        help="score with the fast torch classifier (NOT comparable with sbibm's numbers)",
+        "--c2st",
+        default="sklearn",
+        help="C2ST classifier: sklearn (sbibm's, default), batched (sbibm's algorithm in torch, all "
+        "observations at once, several times faster) or torch (NOT comparable with sbibm's numbers)",
     )
+    b.add_argument("--fast-c2st", action="store_true", help="same as --c2st torch")
     b.add_argument("--plots", default="first", help="pair plots for the first (default), all or none")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
@@ -213,7 +215,7 @@ def _sbi(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         overrides=overrides,
-        fast_c2st=args.fast_c2st,
+        c2st_classifier="torch" if args.fast_c2st else args.c2st,
         plots=args.plots,
     )
     return 0

@@ -18,9 +18,11 @@ budget :math:`N`:
    doing the same for fff keeps the comparison fair);
 
 3. **score** each observation's draws against sbibm's reference samples (the first
-   ``num_samples`` of its 10,000) by :func:`freeflows.c2st.c2st`. The default classifier is
-   sbibm's (scikit-learn MLP, comparable with published numbers); ``fast_c2st`` uses the torch
-   classifier, which is *not* sbibm-comparable.
+   ``num_samples`` of its 10,000) by C2ST (:mod:`freeflows.c2st`). ``c2st_classifier`` is
+   ``"sklearn"`` (default: sbibm's scikit-learn MLP, comparable with published numbers),
+   ``"batched"`` (the same algorithm in torch, all observations and folds trained at once;
+   checked against ``"sklearn"``) or ``"torch"`` (a different, early-stopped classifier that is
+   *not* sbibm-comparable).
 
 The run directory receives ``sbi_c2st.json``, ``sbi_c2st.md``, ``posterior_obs<k>.npy`` (the draws)
 and ``pairplot_obs<k>.png`` (corner plot of draws against the reference).
@@ -206,6 +208,12 @@ def pair_plot(samples: Tensor, reference: Tensor, path: Path, title: str, max_po
     return path
 
 
+C2ST_CLASSIFIERS = ("sklearn", "batched", "torch")
+#: Classifiers whose scores can be compared with sbibm's published numbers (``"batched"`` runs
+#: sbibm's algorithm in torch; tests/test_c2st_batched.py checks it against ``"sklearn"``).
+SBIBM_COMPARABLE = ("sklearn", "batched")
+
+
 def score_observations(
     sample: Sampler,
     task: str,
@@ -218,28 +226,38 @@ def score_observations(
     label: str = "",
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """C2ST of ``num_samples`` draws against the reference, per observation; saves draws and plots."""
-    from ..c2st import c2st
+    """C2ST of ``num_samples`` draws against the reference, per observation; saves draws and plots.
 
-    rows = []
+    With ``classifier="batched"`` all observations are scored at once by
+    :func:`freeflows.c2st.c2st_many` (each ``c2st_seconds`` is then the batch's time over the
+    number of observations); otherwise one :func:`freeflows.c2st.c2st` call each."""
+    from ..c2st import c2st, c2st_many
+
+    rows, pairs = [], []
     for k, num in enumerate(observations):
         x_o = observation(task, num)
         reference = reference_posterior(task, num)[:num_samples]
         draws, acceptance = sample_in_prior_support(sample, task, num_samples, x_o, seed * 1000 + num)
         np.save(run_dir / f"posterior_obs{num}.npy", draws.numpy())
-        start = time.perf_counter()
-        score = c2st(reference, draws, seed=1, classifier=classifier)  # type: ignore[arg-type]
-        row = {
-            "observation": num,
-            "c2st": round(score, 4),
-            "c2st_seconds": round(time.perf_counter() - start, 1),
-            "prior_acceptance": round(acceptance, 4),
-        }
+        row: dict[str, Any] = {"observation": num, "prior_acceptance": round(acceptance, 4)}
         if plots == "all" or (plots == "first" and k == 0):
             path = pair_plot(draws, reference, run_dir / f"pairplot_obs{num}.png", f"{label}, obs {num}")
             row["plot"] = path.name
-        log(f"  observation {num}: C2ST {score:.4f} ({row['c2st_seconds']} s)")
         rows.append(row)
+        pairs.append((reference, draws))
+    if classifier == "batched":
+        start = time.perf_counter()
+        scores = c2st_many(pairs, seed=1)
+        seconds = [(time.perf_counter() - start) / len(pairs)] * len(pairs)
+    else:
+        scores, seconds = [], []
+        for reference, draws in pairs:
+            start = time.perf_counter()
+            scores.append(c2st(reference, draws, seed=1, classifier=classifier))  # type: ignore[arg-type]
+            seconds.append(time.perf_counter() - start)
+    for row, score, secs in zip(rows, scores, seconds, strict=True):
+        row["c2st"], row["c2st_seconds"] = round(score, 4), round(secs, 1)
+        log(f"  observation {row['observation']}: C2ST {score:.4f} ({row['c2st_seconds']} s)")
     return rows
 
 
@@ -254,7 +272,7 @@ def run_sbi(
     seed: int = 0,
     out: str | Path | None = None,
     overrides: list[str] | None = None,
-    fast_c2st: bool = False,
+    c2st_classifier: str = "sklearn",
     plots: str = "first",
     npe_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
@@ -262,12 +280,15 @@ def run_sbi(
     """Train, sample and score; write ``sbi_c2st.json``/``.md`` in the run directory; return the result."""
     observations = list(observations or range(1, NUM_OBSERVATIONS + 1))
     check_arguments(task, budget, method, observations, num_samples, plots)
+    if c2st_classifier not in C2ST_CLASSIFIERS:
+        choices = ", ".join(C2ST_CLASSIFIERS)
+        raise ValueError(f"unknown C2ST classifier {c2st_classifier!r}; choose one of: {choices}")
     if method == "npe-nsf" and overrides:
         raise ValueError("--set configures the fff preset; it has no effect with --method npe-nsf")
     run_dir = Path(out) if out else default_run_dir(task, budget, method)
-    classifier = "torch" if fast_c2st else "sklearn"
-    if fast_c2st:
-        log("note: --fast-c2st uses the torch classifier; its scores are NOT comparable with sbibm's")
+    classifier = c2st_classifier
+    if classifier not in SBIBM_COMPARABLE:
+        log(f"note: the {classifier!r} C2ST classifier's scores are NOT comparable with sbibm's")
     log(f"training {method} on {budget} simulations of {task} (seed {seed}) -> {run_dir}")
     if method == "fff":
         sample, info = train_fff(task, budget, seed, run_dir, overrides)
@@ -294,7 +315,7 @@ def run_sbi(
         "seed": seed,
         "num_samples": num_samples,
         "c2st_classifier": classifier,
-        "sbibm_comparable": not fast_c2st,
+        "sbibm_comparable": classifier in SBIBM_COMPARABLE,
         "observations": rows,
         "mean_c2st": round(float(np.mean(scores)), 4),
         "std_c2st": round(float(np.std(scores)), 4),
