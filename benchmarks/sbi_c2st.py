@@ -34,6 +34,25 @@ from freeflows.experiments.sbi import run_sbi
 RESULTS = Path(__file__).parent / "results"
 
 
+def side_by_side(rows: list[dict]) -> list[str]:
+    """One line per (task, budget): fff against npe-nsf, the better one in bold."""
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["budget"]), {})[r["method"]] = r["mean_c2st"]
+    lines = ["| task | budget | fff | npe-nsf |", "|---|---|---|---|"]
+    for task, budget in sorted(cells, key=lambda k: (TASKS.index(k[0]), k[1])):
+        got = cells[(task, budget)]
+        best = min(got.values())
+        shown = [
+            "–"
+            if m not in got
+            else (f"**{got[m]:.3f}**" if got[m] == best and len(got) > 1 else f"{got[m]:.3f}")
+            for m in ("fff", "npe-nsf")
+        ]
+        lines.append(f"| {task} | {budget} | {shown[0]} | {shown[1]} |")
+    return lines
+
+
 def markdown(rows: list[dict]) -> str:
     """The table: mean C2ST over the observations of each (task, budget, method), with settings."""
     lines = [
@@ -49,6 +68,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['task']} | {r['budget']} | {r['method']} | {r['mean_c2st']:.3f} | {span} | "
             f"{r['num_samples']} | {r['c2st_classifier']} | {r['seed']} | {r['train_seconds']} |"
         )
+    lines += ["", "Side by side (mean C2ST; lower is better):", ""]
+    lines += side_by_side(rows)
     lines += ["", "Per observation:", ""]
     for r in sorted(rows, key=lambda r: (TASKS.index(r["task"]), r["budget"], r["method"])):
         per = ", ".join(f"{o['observation']}: {o['c2st']:.3f}" for o in r["observations"])
@@ -69,7 +90,14 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench-sbi", help="parent folder of the run directories")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="sbi_c2st")
+    parser.add_argument("--report", action="store_true", help="only rewrite <name>.md from <name>.jsonl")
     args = parser.parse_args()
+    if args.report:
+        jsonl = RESULTS / f"{args.name}.jsonl"
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+        print(markdown(rows))
+        return
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     jsonl = RESULTS / f"{args.name}.jsonl"
