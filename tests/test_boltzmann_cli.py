@@ -96,3 +96,14 @@ def test_ess_survives_nonfinite_energies():
     out = particle_metrics(_Exploding(), data, n_samples=50, batch_size=50)
     assert out["ess_dropped"] == 1 and out["sample_energy_nonfinite"] >= 2
     assert 0.0 < out["ess"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "kind, shape, meta", [("fff", (2,), None), ("fff-egnn", (8,), {"n_particles": 4, "n_dims": 2})]
+)
+def test_surrogate_mode_is_a_model_option(kind, shape, meta):
+    assert model_defaults()[kind]["surrogate"] == "vjp"
+    model = build_model({"kind": kind, kind: {"surrogate": "jvp"}}, shape, None, meta=meta)
+    assert model.surrogate == "jvp"
+    with pytest.raises(ValueError, match="surrogate"):
+        build_model({"kind": kind, kind: {"surrogate": "forward"}}, shape, None, meta=meta)

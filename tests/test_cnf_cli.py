@@ -56,6 +56,7 @@ def test_failing_solves_skip_batches_then_stop_with_a_hint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "training diverged: 3 batches in a row" in err and "solver=rk4" in err
+    assert "--set model.cnf.<option>" in err
     assert "Traceback" not in err
 
 

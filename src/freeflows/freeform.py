@@ -298,7 +298,7 @@ class FreeFormFlow(nn.Module):
     def divergence_hint(self) -> str:
         """What to try when training diverges, for the runner's message."""
         return (
-            f"raise beta (now {self.beta:g}), e.g. --set model.fff.beta={max(2 * self.beta, 10):g}: a larger "
+            f"raise beta (now {self.beta:g}), e.g. to {max(2 * self.beta, 10):g}: a larger "
             "reconstruction weight keeps the decoder close to the encoder's inverse, which the "
             "surrogate gradient needs"
         )

@@ -35,6 +35,7 @@ FFF_EGNN_DEFAULTS: dict[str, Any] = {
     "beta": 10.0,
     "hutchinson": "gaussian",
     "hutchinson_samples": 1,
+    "surrogate": "vjp",
 }
 
 #: Options of ``ecnf`` and their defaults.
@@ -103,6 +104,7 @@ def build_fff_egnn(
         beta=o["beta"],
         hutchinson=o["hutchinson"],
         hutchinson_samples=o["hutchinson_samples"],
+        surrogate=o["surrogate"],
         condition_dim=condition_dim,
     )
 

@@ -28,6 +28,7 @@ FFF_DEFAULTS: dict[str, Any] = {
     "blocks": 3,
     "hutchinson": "gaussian",
     "hutchinson_samples": 1,
+    "surrogate": "vjp",
 }
 
 
@@ -49,6 +50,7 @@ def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **
         beta=o["beta"],
         hutchinson=o["hutchinson"],
         hutchinson_samples=o["hutchinson_samples"],
+        surrogate=o["surrogate"],
         condition_dim=condition_dim,
     )
 

@@ -21,7 +21,7 @@ from ..data.base import DataSet
 from ..experiments.config import ConfigError, save_config
 from ..experiments.datasets import build_data
 from ..experiments.models import build_model
-from .callbacks import CheckpointError, read_checkpoint
+from .callbacks import CheckpointError, DivergenceError, read_checkpoint
 
 RUN_DIR_ENV = "FREEFLOWS_RUN_DIR"
 
@@ -124,7 +124,11 @@ def train(
             deterministic=tr["deterministic"],
             default_root_dir=str(run_dir),
         )
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+        except DivergenceError as err:  # name where this model's options live
+            kind = cfg["model"]["kind"]
+            raise DivergenceError(f"{err} (this model's options: --set model.{kind}.<option>=...)") from None
         if not trainer.is_global_zero:
             return None
     finally:
