@@ -24,6 +24,7 @@ import torch
 
 import freeflows.c2st as c2st_module
 from freeflows.c2st import c2st, c2st_many
+from sbi_cases import two_moons_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -286,29 +287,12 @@ def test_batched_agrees_with_sklearn_in_5d():
     assert abs(fast - reference) < 0.01 and reference < 0.55
 
 
-def _two_moons_pairs(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """As in ``tests/test_sbi.py``: two_moons' reference posterior (observation 1) against another
-    part of itself, itself blurred by 0.3 standard deviations, and its moment-matched Gaussian."""
-    from freeflows.data.sbi import reference_posterior
-
-    reference = reference_posterior("two_moons", 1)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(reference.shape[0], generator=g)
-    a, b = reference[perm[:n]], reference[perm[n : 2 * n]]
-    blurred = b + 0.3 * reference.std(0) * torch.randn(b.shape, generator=g)
-    gaussian = torch.distributions.MultivariateNormal(reference.mean(0), torch.cov(reference.T))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        moment_matched = gaussian.sample((n,))
-    return {"same": (a, b), "blurred": (a, blurred), "gaussian": (a, moment_matched)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["same", "blurred", "gaussian"])
 def test_batched_agrees_with_sklearn_on_two_moons_posteriors(case):
     pytest.importorskip("sklearn")
     pytest.importorskip("sbibm")
     seeds = list(range(1, 9)) if case == "same" else [1, 2]
-    reference, fast, slow_s, fast_s = _scores(*_two_moons_pairs(5000)[case], seeds=seeds)
+    reference, fast, slow_s, fast_s = _scores(*two_moons_pairs(5000)[case], seeds=seeds)
     print(f"two_moons {case}: sklearn {reference:.4f} ({slow_s:.1f} s), batched {fast:.4f} ({fast_s:.1f} s)")
     assert abs(fast - reference) < 0.01

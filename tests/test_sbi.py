@@ -13,6 +13,7 @@ import torch
 from freeflows.c2st import c2st
 from freeflows.data.sbi import TASKS, check_task, load_sbi_task, posterior_log_prob
 from freeflows.data.standardize import Standardizer
+from sbi_cases import two_moons_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,30 +141,13 @@ def test_c2st_rejects_bad_input():
         c2st(x, y, classifier="svm")  # type: ignore[arg-type]
 
 
-def _two_moons_pairs(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Reference posterior of two_moons (observation 1) against: another part of itself; itself
-    blurred by 0.3 standard deviations; the Gaussian with its mean and covariance."""
-    from freeflows.data.sbi import reference_posterior
-
-    reference = reference_posterior("two_moons", 1)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(reference.shape[0], generator=g)
-    a, b = reference[perm[:n]], reference[perm[n : 2 * n]]
-    blurred = b + 0.3 * reference.std(0) * torch.randn(b.shape, generator=g)
-    gaussian = torch.distributions.MultivariateNormal(reference.mean(0), torch.cov(reference.T))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        moment_matched = gaussian.sample((n,))
-    return {"same": (a, b), "blurred": (a, blurred), "gaussian": (a, moment_matched)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["same", "blurred", "gaussian"])
 def test_c2st_torch_agrees_with_sbibm_within_001(case):
     """On 2-D two_moons posteriors the torch classifier's score is within 0.01 of sbibm's on the
     same 5000 vs 5000 samples. (Not so in 5-D, where sbibm's MLP under-fits: see freeflows.c2st.)"""
     sbibm_metrics = pytest.importorskip("sbibm.metrics")
-    x, y = _two_moons_pairs(5000)[case]
+    x, y = two_moons_pairs(5000)[case]
     start = time.perf_counter()
     reference = sbibm_metrics.c2st(x, y).item()
     middle = time.perf_counter()

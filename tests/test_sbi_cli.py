@@ -61,22 +61,28 @@ def test_sbi_cli_end_to_end_fff(tmp_path, capsys):
     assert "mean C2ST" in capsys.readouterr().out
 
 
+def _tiny_npe_run(run_sbi, out, observations, num_samples, **options):
+    """A seconds-long NPE-NSF run on 200 two_moons simulations (2 epochs, 16 hidden units)."""
+    return run_sbi(
+        "two_moons",
+        200,
+        method="npe-nsf",
+        observations=observations,
+        num_samples=num_samples,
+        out=out,
+        plots="none",
+        npe_options={"max_num_epochs": 2, "hidden_features": 16},
+        log=lambda message: None,
+        **options,
+    )
+
+
 def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path):
     pytest.importorskip("sbibm")
     pytest.importorskip("sbi")
     from freeflows.experiments.sbi import run_sbi
 
-    result = run_sbi(
-        "two_moons",
-        200,
-        method="npe-nsf",
-        observations=[2],
-        num_samples=200,
-        out=tmp_path / "npe",
-        plots="none",
-        npe_options={"max_num_epochs": 2, "hidden_features": 16},
-        log=lambda message: None,
-    )
+    result = _tiny_npe_run(run_sbi, tmp_path / "npe", [2], 200)
     assert result["method"] == "npe-nsf" and result["sbibm_comparable"]
     assert 0.45 <= result["mean_c2st"] <= 1.0
     assert (tmp_path / "npe" / "sbi_c2st.json").is_file() and (
@@ -94,18 +100,7 @@ def test_batched_c2st_scores_every_observation_at_once(tmp_path):
     from freeflows.data.sbi import reference_posterior
     from freeflows.experiments.sbi import run_sbi
 
-    result = run_sbi(
-        "two_moons",
-        200,
-        method="npe-nsf",
-        observations=[1, 3],
-        num_samples=300,
-        out=tmp_path / "npe",
-        plots="none",
-        c2st_classifier="batched",
-        npe_options={"max_num_epochs": 2, "hidden_features": 16},
-        log=lambda message: None,
-    )
+    result = _tiny_npe_run(run_sbi, tmp_path / "npe", [1, 3], 300, c2st_classifier="batched")
     assert result["c2st_classifier"] == "batched" and result["sbibm_comparable"]
     for row in result["observations"]:
         draws = torch.from_numpy(np.load(tmp_path / "npe" / f"posterior_obs{row['observation']}.npy"))
