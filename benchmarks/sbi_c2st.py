@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from freeflows.c2st import C2ST_CLASSIFIERS
 from freeflows.data.sbi import NUM_OBSERVATIONS, TASKS
 from freeflows.experiments.sbi import run_sbi
 
@@ -77,6 +78,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rewrite_table(name: str) -> None:
+    """Rewrite ``<name>.md`` from all rows of ``<name>.jsonl``, and print it."""
+    rows = [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    table = markdown(rows)
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons"], choices=TASKS)
@@ -84,7 +93,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fff", "npe-nsf"], choices=["fff", "npe-nsf"])
     parser.add_argument("--observations", nargs="+", type=int, default=list(range(1, NUM_OBSERVATIONS + 1)))
     parser.add_argument("--num-samples", type=int, default=10000)
-    parser.add_argument("--c2st", choices=["sklearn", "batched", "torch"], default="sklearn")
+    parser.add_argument("--c2st", choices=C2ST_CLASSIFIERS, default="sklearn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="fff preset override")
     parser.add_argument("--runs", default="runs/bench-sbi", help="parent folder of the run directories")
@@ -93,10 +102,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite <name>.md from <name>.jsonl")
     args = parser.parse_args()
     if args.report:
-        jsonl = RESULTS / f"{args.name}.jsonl"
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        (RESULTS / f"{args.name}.md").write_text(markdown(rows))
-        print(markdown(rows))
+        rewrite_table(args.name)
         return
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
@@ -119,9 +125,7 @@ def main() -> None:
                 result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
                 with jsonl.open("a") as fh:
                     fh.write(json.dumps(result) + "\n")
-                rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-                (RESULTS / f"{args.name}.md").write_text(markdown(rows))
-                print(markdown(rows), flush=True)
+                rewrite_table(args.name)
 
 
 if __name__ == "__main__":

@@ -66,13 +66,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 C2STClassifier = Literal["sklearn", "torch", "batched"]
+C2ST_CLASSIFIERS: tuple[str, ...] = get_args(C2STClassifier)
 
 
 def c2st(

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..c2st import C2ST_CLASSIFIERS
 from ..data.sbi import NUM_OBSERVATIONS, TASKS, check_task, get_task, observation, reference_posterior
 
 METHODS = ("fff", "npe-nsf")
@@ -208,7 +209,6 @@ def pair_plot(samples: Tensor, reference: Tensor, path: Path, title: str, max_po
     return path
 
 
-C2ST_CLASSIFIERS = ("sklearn", "batched", "torch")
 #: Classifiers whose scores can be compared with sbibm's published numbers (``"batched"`` runs
 #: sbibm's algorithm in torch; tests/test_c2st_batched.py checks it against ``"sklearn"``).
 SBIBM_COMPARABLE = ("sklearn", "batched")
