@@ -12,7 +12,7 @@ import torch
 
 from freeflows.cli import main
 from freeflows.experiments.config import load_config
-from freeflows.runner.train import train
+from freeflows.runner.train import train, training_steps
 
 TINY = ["--set", "trainer.progress_bar=false"]
 
@@ -40,6 +40,7 @@ def test_unknown_preset_in_a_subprocess_has_no_traceback():
         (["train", "tiny", "--set", "model.fff.gamma=1"], "unknown config key 'model.fff.gamma'"),
         (["train", "tiny", "--set", "trainer.max_steps=ten"], "trainer.max_steps must be an integer"),
         (["train", "tiny", "--set", "model.kind=spline"], "unknown model.kind 'spline'"),
+        (["train", "tiny", "--set", "trainer.max_epochs=0"], "trainer.max_epochs must be an integer >= 1"),
         (["train", "tiny", "--set", "optim.lr"], "--set expects key=value"),
         (["train", "tiny", "--set", "data.name=mnist"], "unknown data set 'mnist'"),
         (["sample", "/nonexistent/run"], "does not exist"),
@@ -112,6 +113,28 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     rows = (half / "metrics.csv").read_text().splitlines()
     steps = [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[1] == "loss"]
     assert steps == sorted(steps) and len(steps) == len(set(steps)), "resume must not duplicate curve rows"
+
+
+def test_training_steps_from_epochs():
+    tr = {"max_steps": 10_000, "max_epochs": None, "batch_size": 128, "devices": 1, "num_nodes": 1}
+    assert training_steps(tr, 9_500) == 10_000  # no epochs: max_steps
+    assert training_steps({**tr, "max_epochs": 3}, 9_500) == 3 * 74  # 9500 // 128 = 74 full batches
+    assert training_steps({**tr, "max_epochs": 3, "devices": 2}, 9_500) == 3 * 37  # 4750 per rank
+    assert training_steps({**tr, "max_epochs": 1000}, 9_500) == 10_000  # max_steps caps it
+    assert training_steps({**tr, "max_epochs": 2}, 100) == 2  # fewer points than a batch: one step
+
+
+def test_max_epochs_sets_the_run_length_and_the_schedule(tmp_path):
+    """tiny has 2048 training points at batch 256: 8 steps per epoch, so 3 epochs stop at step 24,
+    and the cosine schedule reaches zero exactly there."""
+    cfg = load_config(
+        "tiny",
+        ["trainer.progress_bar=false", "trainer.plot=false", "trainer.max_epochs=3", "optim.warmup_steps=0"],
+    )
+    run = train(cfg, tmp_path / "r")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 24
+    assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
 
 
 DDP_SCRIPT = textwrap.dedent(

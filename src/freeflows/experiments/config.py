@@ -44,6 +44,7 @@ def default_config() -> dict[str, Any]:
         },
         "trainer": {
             "max_steps": 2000,
+            "max_epochs": None,
             "batch_size": 512,
             "val_every_epochs": 5,
             "val_batches": 4,
@@ -183,6 +184,9 @@ def validate(cfg: dict[str, Any]) -> None:
     ]:
         if cfg[section][key] < 1:
             raise ConfigError(f"{section}.{key} must be >= 1, got {cfg[section][key]}")
+    epochs = cfg["trainer"]["max_epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1 or null, got {epochs!r}")
     if cfg["optim"]["lr"] <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
 

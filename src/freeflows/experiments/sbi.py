@@ -118,7 +118,9 @@ def train_fff(
         "overrides": list(overrides or []),
         "model": cfg["model"],
         "optim": cfg["optim"],
-        "trainer": {k: cfg["trainer"][k] for k in ("max_steps", "batch_size", "early_stopping_patience")},
+        "trainer": {
+            k: cfg["trainer"][k] for k in ("max_steps", "max_epochs", "batch_size", "early_stopping_patience")
+        },
     }
     return sample, info
 

@@ -33,7 +33,8 @@ from .data import unpack
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict[str, Any], max_steps: int):
     """Per-step learning-rate schedule: ``constant``, ``cosine`` (to zero) or ``onecycle``, each
-    with an optional linear warm-up; ``schedule_steps`` defaults to ``trainer.max_steps``."""
+    with an optional linear warm-up; ``schedule_steps`` defaults to the run's step count
+    (:func:`freeflows.runner.train.training_steps`)."""
     total = optim_cfg.get("schedule_steps") or max_steps
     warmup = optim_cfg.get("warmup_steps") or 0
     kind = optim_cfg["schedule"]

@@ -51,6 +51,23 @@ def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
     return data, model
 
 
+def training_steps(trainer_cfg: dict[str, Any], n_train: int) -> int:
+    r"""The number of optimiser steps a run takes: ``trainer.max_steps``, or, when
+    ``trainer.max_epochs`` is set, that many passes over the ``n_train`` training points,
+    capped by ``max_steps``.
+
+    One pass is :math:`\lfloor \lfloor n / W \rfloor / B \rfloor` steps on each of the
+    :math:`W` = devices × nodes processes with batch :math:`B` (the loader drops the last partial
+    batch), so a training length given in epochs scales with the simulation budget."""
+    cap = trainer_cfg["max_steps"]
+    epochs = trainer_cfg.get("max_epochs")
+    if not epochs:
+        return cap
+    world = trainer_cfg["devices"] * trainer_cfg["num_nodes"]
+    per_epoch = max(1, (n_train // world) // trainer_cfg["batch_size"])
+    return min(cap, epochs * per_epoch)
+
+
 def train(
     cfg: dict[str, Any],
     run_dir: Path,
@@ -88,7 +105,8 @@ def train(
     try:
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         data, model = build(cfg)
-        module = FlowModule(model, cfg["optim"], tr["max_steps"], tr["max_nonfinite"], cfg["seed"])
+        steps = training_steps(tr, len(data.train))
+        module = FlowModule(model, cfg["optim"], steps, tr["max_nonfinite"], cfg["seed"])
         dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
         cbs = [
             ModelCheckpoint(
@@ -102,7 +120,7 @@ def train(
         if tr["early_stopping_patience"]:
             cbs.append(EarlyStopping("val/nll", patience=tr["early_stopping_patience"], mode="min"))
         trainer = L.Trainer(
-            max_steps=tr["max_steps"],
+            max_steps=steps,
             max_epochs=-1,
             accelerator=tr["accelerator"],
             devices=tr["devices"],
