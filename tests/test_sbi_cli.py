@@ -77,12 +77,16 @@ def _tiny_npe_run(run_sbi, out, observations, num_samples, **options):
     )
 
 
-def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path):
+def test_sbi_npe_baseline_writes_the_same_outputs(tmp_path, monkeypatch):
     pytest.importorskip("sbibm")
     pytest.importorskip("sbi")
     from freeflows.experiments.sbi import run_sbi
 
+    monkeypatch.chdir(tmp_path)
     result = _tiny_npe_run(run_sbi, tmp_path / "npe", [2], 200)
+    # sbi's tensorboard summary lands in the run directory, not in the working directory
+    assert not (tmp_path / "sbi-logs").exists()
+    assert any((tmp_path / "npe" / "npe-tensorboard").glob("events.out.tfevents.*"))
     assert result["method"] == "npe-nsf" and result["sbibm_comparable"]
     assert 0.45 <= result["mean_c2st"] <= 1.0
     assert (tmp_path / "npe" / "sbi_c2st.json").is_file() and (

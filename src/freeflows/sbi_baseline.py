@@ -16,6 +16,8 @@ splits, mapped back to the original scale). ``sbi`` is imported only inside the 
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,12 +70,14 @@ def train_npe(
     validation_fraction: float = 0.1,
     stop_after_epochs: int = 20,
     max_num_epochs: int = 2**31 - 1,
+    log_dir: Path | None = None,
 ) -> NPEPosterior:
     r"""Train NPE with a neural spline flow on simulations ``theta [N, dim_theta]``, ``x [N, dim_x]``.
 
     Both are on the original scale (sbi z-scores them itself). ``seed`` fixes the network's
     initialisation, sbi's validation split and the batch order. The prior of ``task`` (from sbibm)
-    bounds the support of the posterior.
+    bounds the support of the posterior. sbi's tensorboard summary goes to ``log_dir`` (a
+    temporary folder, removed afterwards, if ``None``), never to the working directory.
     """
     if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:
         raise ValueError(
@@ -88,9 +92,14 @@ def train_npe(
         z_score_theta="independent",
         z_score_x="independent",
     )
-    with torch.random.fork_rng(devices=[]):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        method = inference.SNPE_C(prior=prior, density_estimator=build, show_progress_bars=False)
+        writer = SummaryWriter(str(log_dir if log_dir is not None else scratch))
+        method = inference.SNPE_C(
+            prior=prior, density_estimator=build, show_progress_bars=False, summary_writer=writer
+        )
         estimator = method.append_simulations(theta.float(), x.float()).train(
             training_batch_size=min(training_batch_size, theta.shape[0]),
             learning_rate=learning_rate,
@@ -99,6 +108,7 @@ def train_npe(
             max_num_epochs=max_num_epochs,
         )
         posterior = method.build_posterior(estimator)
+        writer.close()
     epochs = int(method.summary.get("epochs_trained", [0])[-1]) if hasattr(method, "summary") else 0
     return NPEPosterior(posterior, task, epochs)
 

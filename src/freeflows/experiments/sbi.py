@@ -135,7 +135,7 @@ def train_npe_nsf(
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_sbi_task(task, budget, seed=seed)
     start = time.perf_counter()
-    posterior = train_npe_on_dataset(data, seed=seed, **npe_options)
+    posterior = train_npe_on_dataset(data, seed=seed, log_dir=run_dir / "npe-tensorboard", **npe_options)
     seconds = time.perf_counter() - start
     info = {"train_seconds": round(seconds, 1), "epochs": posterior.epochs, "npe_options": npe_options}
     return posterior.sample, info
