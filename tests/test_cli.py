@@ -137,6 +137,29 @@ def test_max_epochs_sets_the_run_length_and_the_schedule(tmp_path):
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_skipped_batches_do_not_reuse_random_draws(tmp_path):
+    """A skipped batch leaves the step count where it was; the retries must still draw afresh."""
+    import lightning as L
+
+    from freeflows.contract import NumericalError
+    from freeflows.runner.callbacks import DivergenceError
+
+    draws: list[float] = []
+
+    class FailingLoss(L.Callback):
+        def on_train_start(self, trainer, module):
+            def loss(x, c=None):
+                draws.append(torch.rand(()).item())
+                raise NumericalError("solve failed")
+
+            module.model.loss = loss
+
+    cfg = load_config("tiny", ["trainer.progress_bar=false", "trainer.plot=false", "trainer.max_nonfinite=3"])
+    with pytest.raises(DivergenceError, match="3 batches in a row"):
+        train(cfg, tmp_path / "r", callbacks=[FailingLoss()])
+    assert len(draws) == 3 and len(set(draws)) == 3, draws
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch

@@ -104,9 +104,13 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, c = unpack(batch)
-        # The step's random draws (Hutchinson probes, ...) depend only on (seed, step, rank), so a
-        # resumed run draws exactly what the uninterrupted run drew.
-        torch.manual_seed((self.seed * 1_000_003 + self.global_step) * 64 + self.global_rank)
+        # The step's random draws (Hutchinson probes, ...) depend only on (seed, step, retry, rank),
+        # so a resumed run draws exactly what the uninterrupted run drew. A skipped batch does not
+        # advance the step, so the retry count keeps the next batch from reusing its draws. (torch's
+        # CPU generator keeps only the low 32 bits of a seed: the retry term is an odd constant
+        # times the count, so it moves those bits.)
+        retry = self.nonfinite_in_a_row * 0x9E3779B1
+        torch.manual_seed((self.seed * 1_000_003 + self.global_step) * 64 + self.global_rank + retry)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         try:
@@ -169,9 +173,11 @@ class FlowModule(L.LightningModule):
         checkpoint["freeflows"] = {
             "train_seconds": self._elapsed(),
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("freeflows", {})
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
