@@ -18,7 +18,7 @@ from freeflows import Loss, MeanFreeNormal, StandardNormal
 from freeflows.continuous import CNF
 from freeflows.contract import NumericalError
 from freeflows.distributions import mean_free_basis
-from freeflows.models_cnf import CNF_BUILDERS
+from freeflows.experiments.cnf_builders import CNF_BUILDERS
 from freeflows.nets.velocity import TimeMLP
 
 F64 = torch.float64

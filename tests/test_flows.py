@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from freeflows.contract import DensityModel, Loss
+from freeflows.experiments.classic_builders import CLASSIC_BUILDERS
 from freeflows.flows import IAF, MAF, NICE, Flow, Glow, PlanarFlow, RealNVP
-from freeflows.models_classic import CLASSIC_BUILDERS
 
 C = 3
 SMALL = {

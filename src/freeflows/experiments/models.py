@@ -17,9 +17,9 @@ from torch import nn
 from ..checks import check_options
 from ..distributions import StandardNormal
 from ..freeform import FreeFormFlow
-from ..models_classic import CLASSIC_BUILDERS
-from ..models_particles import PARTICLE_BUILDERS, PARTICLE_DEFAULTS
 from ..nets.resnet import ResNet
+from .classic_builders import CLASSIC_BUILDERS
+from .particle_builders import PARTICLE_BUILDERS, PARTICLE_DEFAULTS
 
 FFF_DEFAULTS: dict[str, Any] = {
     "beta": 50.0,
@@ -56,7 +56,7 @@ def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **
 
 
 def _cnf_builder() -> tuple[Callable[..., nn.Module], dict[str, Any]]:
-    from ..models_cnf import CNF_BUILDERS, DEFAULTS
+    from .cnf_builders import CNF_BUILDERS, DEFAULTS
 
     return CNF_BUILDERS["cnf"], dict(DEFAULTS)
 

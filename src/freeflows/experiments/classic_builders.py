@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .checks import check_options
-from .flows import IAF, MAF, NICE, Glow, PlanarFlow, RealNVP
+from ..checks import check_options
+from ..flows import IAF, MAF, NICE, Glow, PlanarFlow, RealNVP
 
 Builder = Callable[..., nn.Module]
 

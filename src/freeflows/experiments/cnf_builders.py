@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from .checks import check_options, numel
-from .continuous import CNF
-from .distributions import StandardNormal
-from .nets.velocity import TimeMLP
+from ..checks import check_options, numel
+from ..continuous import CNF
+from ..distributions import StandardNormal
+from ..nets.velocity import TimeMLP
 
 #: Every option of :func:`build` and its default.
 DEFAULTS: dict[str, Any] = {

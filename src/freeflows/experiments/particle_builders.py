@@ -21,11 +21,11 @@ from typing import Any
 
 from torch import nn
 
-from .checks import check_options
-from .continuous import CNF
-from .distributions import MeanFreeNormal
-from .freeform import FreeFormFlow
-from .nets.egnn import EGNN, EGNNVelocity
+from ..checks import check_options
+from ..continuous import CNF
+from ..distributions import MeanFreeNormal
+from ..freeform import FreeFormFlow
+from ..nets.egnn import EGNN, EGNNVelocity
 
 #: Options of ``fff-egnn`` and their defaults.
 FFF_EGNN_DEFAULTS: dict[str, Any] = {
