@@ -29,28 +29,47 @@ from pathlib import Path
 import torch
 
 from freeflows.c2st import C2ST_CLASSIFIERS
-from freeflows.data.sbi import NUM_OBSERVATIONS, TASKS
+from freeflows.data.sbi import NUM_OBSERVATIONS, TASKS, reference_posterior
 from freeflows.experiments.sbi import run_sbi
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def side_by_side(rows: list[dict]) -> list[str]:
-    """One line per (task, budget): fff against npe-nsf, the better one in bold."""
-    cells: dict[tuple[str, int], dict[str, float]] = {}
+def _latest(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
+    """(task, budget) -> method -> its last row (a rerun replaces an earlier row)."""
+    cells: dict[tuple[str, int], dict[str, dict]] = {}
     for r in rows:
-        cells.setdefault((r["task"], r["budget"]), {})[r["method"]] = r["mean_c2st"]
-    lines = ["| task | budget | fff | npe-nsf |", "|---|---|---|---|"]
+        cells.setdefault((r["task"], r["budget"]), {})[r["method"]] = r
+    return cells
+
+
+def side_by_side(rows: list[dict]) -> list[str]:
+    """The README table: one line per (task, budget), fff against npe-nsf (the better in bold),
+    with fff's step count, both training times and the share of fff's draws inside the prior."""
+    cells = _latest(rows)
+    lines = [
+        "| task | θ dim | budget | fff | npe-nsf | fff steps | fff train s | npe train s | "
+        "fff prior acceptance (min–max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, budget in sorted(cells, key=lambda k: (TASKS.index(k[0]), k[1])):
         got = cells[(task, budget)]
-        best = min(got.values())
-        shown = [
-            "–"
-            if m not in got
-            else (f"**{got[m]:.3f}**" if got[m] == best and len(got) > 1 else f"{got[m]:.3f}")
-            for m in ("fff", "npe-nsf")
-        ]
-        lines.append(f"| {task} | {budget} | {shown[0]} | {shown[1]} |")
+        best = min(r["mean_c2st"] for r in got.values())
+
+        def score(method: str) -> str:
+            if method not in got:
+                return "–"
+            value = got[method]["mean_c2st"]
+            return f"**{value:.3f}**" if value == best and len(got) > 1 else f"{value:.3f}"
+
+        fff, npe = got.get("fff", {}), got.get("npe-nsf", {})
+        dim = len(torch.as_tensor(reference_posterior(task, 1)[0]))
+        accept = [o["prior_acceptance"] for o in fff.get("observations", [])]
+        lines.append(
+            f"| {task} | {dim} | {budget} | {score('fff')} | {score('npe-nsf')} | {fff.get('steps', '–')} | "
+            f"{fff.get('train_seconds', '–')} | {npe.get('train_seconds', '–')} | "
+            + (f"{min(accept):.2f}–{max(accept):.2f} |" if accept else "– |")
+        )
     return lines
 
 
@@ -69,7 +88,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['task']} | {r['budget']} | {r['method']} | {r['mean_c2st']:.3f} | {span} | "
             f"{r['num_samples']} | {r['c2st_classifier']} | {r['seed']} | {r['train_seconds']} |"
         )
-    lines += ["", "Side by side (mean C2ST; lower is better):", ""]
+    lines += ["", "Side by side (mean C2ST, the latest row of each; lower is better):", ""]
     lines += side_by_side(rows)
     lines += ["", "Per observation:", ""]
     for r in sorted(rows, key=lambda r: (TASKS.index(r["task"]), r["budget"], r["method"])):
