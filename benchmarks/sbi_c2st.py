@@ -43,6 +43,15 @@ def _latest(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
     return cells
 
 
+def _score(got: dict[str, dict], method: str) -> str:
+    """A method's mean C2ST in a cell, in bold if it is the better of two."""
+    if method not in got:
+        return "–"
+    value = got[method]["mean_c2st"]
+    best = min(r["mean_c2st"] for r in got.values())
+    return f"**{value:.3f}**" if value == best and len(got) > 1 else f"{value:.3f}"
+
+
 def side_by_side(rows: list[dict]) -> list[str]:
     """The README table: one line per (task, budget), fff against npe-nsf (the better in bold),
     with fff's step count, both training times and the share of fff's draws inside the prior."""
@@ -54,19 +63,12 @@ def side_by_side(rows: list[dict]) -> list[str]:
     ]
     for task, budget in sorted(cells, key=lambda k: (TASKS.index(k[0]), k[1])):
         got = cells[(task, budget)]
-        best = min(r["mean_c2st"] for r in got.values())
-
-        def score(method: str) -> str:
-            if method not in got:
-                return "–"
-            value = got[method]["mean_c2st"]
-            return f"**{value:.3f}**" if value == best and len(got) > 1 else f"{value:.3f}"
-
         fff, npe = got.get("fff", {}), got.get("npe-nsf", {})
         dim = len(torch.as_tensor(reference_posterior(task, 1)[0]))
         accept = [o["prior_acceptance"] for o in fff.get("observations", [])]
         lines.append(
-            f"| {task} | {dim} | {budget} | {score('fff')} | {score('npe-nsf')} | {fff.get('steps', '–')} | "
+            f"| {task} | {dim} | {budget} | {_score(got, 'fff')} | {_score(got, 'npe-nsf')} | "
+            f"{fff.get('steps', '–')} | "
             f"{fff.get('train_seconds', '–')} | {npe.get('train_seconds', '–')} | "
             + (f"{min(accept):.2f}–{max(accept):.2f} |" if accept else "– |")
         )
