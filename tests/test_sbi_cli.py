@@ -11,6 +11,7 @@ import torch
 from freeflows.cli import main
 from freeflows.data.sbi import TASKS
 from freeflows.experiments.config import list_presets, load_config
+from freeflows.runner.train import training_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +23,9 @@ def test_every_offline_task_has_a_conditional_fff_preset():
         cfg = load_config(f"sbi-{task}")
         assert cfg["data"]["name"] == f"sbi:{task}" and cfg["model"]["kind"] == "fff"
         assert cfg["trainer"]["threads"] == 1
+        # training is given in epochs, so a larger budget trains for more steps
+        per_budget = [training_steps(cfg["trainer"], int(0.85 * n)) for n in (1000, 10_000)]
+        assert per_budget[1] >= 5 * per_budget[0], (task, per_budget)
 
 
 def test_sbi_cli_end_to_end_fff(tmp_path, capsys):
