@@ -70,7 +70,7 @@ def test_unknown_task_is_a_value_error_listing_the_tasks():
         load_sbi_task("three_moons", 100)
     assert all(task in str(info.value) for task in TASKS)
     with pytest.raises(ValueError, match="unknown sbi task"):
-        check_task("sir")
+        check_task("SIR")  # task names are case-sensitive
 
 
 # -- sbibm data sets ----------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_batched_c2st_scores_every_observation_at_once(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--task", "sir", "--budget", "100"], "unknown sbi task"),
+        (["--task", "lotka-volterra", "--budget", "100"], "unknown sbi task"),
         (["--task", "two_moons", "--budget", "100", "--method", "snle"], "unknown method"),
         (["--task", "two_moons", "--budget", "100", "--observations", "0..2"], "1..10"),
         (["--task", "two_moons", "--budget", "100", "--observations", "one"], "--observations"),

@@ -17,6 +17,11 @@ variables (see :func:`posterior_log_prob`):
 sbibm is imported only inside the functions here; install it with ``pip install -e .[sbi]``
 (the working pins are in ``requirements-sbi.txt``). Its wheel ships each task's 10 observations
 and 10,000 reference posterior samples per observation, so nothing is downloaded.
+
+sbibm simulates ``sir`` and ``lotka_volterra`` with Julia; for these two, :func:`simulate` draws
+:math:`\theta` from sbibm's prior as for every task, and :math:`x` from the scipy simulators of
+:mod:`freeflows.data.sbi_ode` (same ODE, initial state, times and noise model). Their
+observations, reference posteriors and prior still come from sbibm.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import torch
 from torch import Tensor
 
 from .base import DataSet, split_by_seed
+from .sbi_ode import ODE_SIMULATORS
 from .standardize import Standardizer
 
-#: The sbibm tasks that simulate offline (sir and lotka_volterra need Julia).
+#: The sbibm tasks that simulate offline: sbibm's own simulators, and for sir and lotka_volterra
+#: (which sbibm simulates with Julia) the scipy ones of :mod:`freeflows.data.sbi_ode`.
 TASKS: tuple[str, ...] = (
     "gaussian_linear",
     "gaussian_linear_uniform",
@@ -44,6 +51,8 @@ TASKS: tuple[str, ...] = (
     "slcp_distractors",
     "bernoulli_glm",
     "bernoulli_glm_raw",
+    "sir",
+    "lotka_volterra",
 )
 
 #: sbibm ships observations and reference posteriors numbered 1 to 10.
@@ -99,7 +108,10 @@ def get_task(task: str) -> Any:
             "freeflows.data.sbi needs sbibm; install it with `pip install -e .[sbi]` "
             "(pins in requirements-sbi.txt)"
         ) from error
-    with _trusted_task_files():
+    with _trusted_task_files(), warnings.catch_warnings():
+        # sir and lotka_volterra import diffeqtorch, which warns that it finds no Julia image; we
+        # never call their Julia simulators (see simulate).
+        warnings.filterwarnings("ignore", message=".*JULIA_SYSIMAGE_DIFFEQTORCH.*")
         return sbibm.get_task(task)
 
 
@@ -107,8 +119,12 @@ def simulate(task: str, num_simulations: int, seed: int = 0) -> tuple[Tensor, Te
     r"""Draw ``num_simulations`` pairs :math:`\theta \sim p(\theta)`, :math:`x \sim p(x\mid\theta)`.
 
     sbibm samples from torch's and numpy's global generators; both are seeded with ``seed``
-    inside a forked state, so the caller's generators are left as they were. Returns float32
-    ``theta [N, dim_theta]`` and ``x [N, dim_x]``; raises if the simulator gives non-finite values.
+    inside a forked state, so the caller's generators are left as they were. For ``sir`` and
+    ``lotka_volterra``, :math:`\theta` comes from sbibm's prior in the same way and :math:`x` from
+    the scipy simulator of :mod:`freeflows.data.sbi_ode` with ``numpy.random.default_rng(seed)``
+    (it raises :class:`~freeflows.data.sbi_ode.SimulationError` if the ODE solver fails). Returns
+    float32 ``theta [N, dim_theta]`` and ``x [N, dim_x]``; raises if the simulator gives non-finite
+    values.
     """
     if isinstance(num_simulations, bool) or not isinstance(num_simulations, int) or num_simulations < 1:
         raise ValueError(f"the simulation budget must be a positive integer, got {num_simulations!r}")
@@ -119,9 +135,11 @@ def simulate(task: str, num_simulations: int, seed: int = 0) -> tuple[Tensor, Te
             torch.manual_seed(seed)
             np.random.seed(seed)
             theta = sbibm_task.get_prior()(num_samples=num_simulations)
-            x = sbibm_task.get_simulator()(theta)
+            x = None if task in ODE_SIMULATORS else sbibm_task.get_simulator()(theta)
     finally:
         np.random.set_state(numpy_state)
+    if x is None:
+        x = ODE_SIMULATORS[task](theta, np.random.default_rng(seed))
     theta, x = theta.float(), x.float()
     if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
         raise RuntimeError(f"the {task} simulator returned non-finite values with seed {seed}")
