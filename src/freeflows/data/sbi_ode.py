@@ -114,12 +114,7 @@ def _solve(
     task: str,
 ) -> np.ndarray:
     """Solve ``y' = rhs(y, t, *theta[i])`` from ``y0`` for every row; return ``[n, len(times), dim]``."""
-    from scipy.integrate import odeint
-
-    try:
-        from scipy.integrate import ODEintWarning
-    except ImportError:  # pragma: no cover - scipy < 1.12 does not export it from scipy.integrate
-        from scipy.integrate.odepack import ODEintWarning
+    from scipy.integrate import ODEintWarning, odeint  # exported since scipy 1.12 (the [sbi] pin)
 
     out = np.empty((theta.shape[0], len(times), len(y0)))
     for i, row in enumerate(theta):
