@@ -1,6 +1,10 @@
-"""Shared sample sets for the C2ST tests (tests/test_sbi.py, tests/test_c2st_batched.py)."""
+"""Shared cases of the SBI tests: C2ST sample sets, and a tiny end-to-end ``freeflows sbi`` run."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,3 +24,14 @@ def two_moons_pairs(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         torch.manual_seed(0)
         moment_matched = gaussian.sample((n,))
     return {"same": (a, b), "blurred": (a, blurred), "gaussian": (a, moment_matched)}
+
+
+def tiny_fff_sbi_run(task: str, out: Path) -> tuple[int, dict[str, Any]]:
+    """``freeflows sbi`` on ``task`` with 300 simulations, 20 training steps and 300 draws for
+    observation 1; returns the exit code and the written ``sbi_c2st.json``."""
+    from freeflows.cli import main
+
+    args = ["sbi", "--task", task, "--budget", "300", "--observations", "1", "--num-samples", "300"]
+    args += ["--set", "trainer.max_steps=20", "--set", "trainer.plot=false", "--out", str(out)]
+    code = main(args)
+    return code, json.loads((out / "sbi_c2st.json").read_text()) if code == 0 else {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from freeflows.cli import main
 from freeflows.data.sbi import TASKS
 from freeflows.experiments.config import list_presets, load_config
 from freeflows.runner.train import training_steps
+from sbi_cases import tiny_fff_sbi_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,27 +31,8 @@ def test_sbi_cli_end_to_end_fff(tmp_path, capsys):
     pytest.importorskip("sbibm")
     pytest.importorskip("sklearn")
     out = tmp_path / "run"
-    code = main(
-        [
-            "sbi",
-            "--task",
-            "two_moons",
-            "--budget",
-            "300",
-            "--observations",
-            "1",
-            "--num-samples",
-            "300",
-            "--set",
-            "trainer.max_steps=20",
-            "--set",
-            "trainer.plot=false",
-            "--out",
-            str(out),
-        ]
-    )
+    code, result = tiny_fff_sbi_run("two_moons", out)
     assert code == 0
-    result = json.loads((out / "sbi_c2st.json").read_text())
     assert result["task"] == "two_moons" and result["budget"] == 300 and result["method"] == "fff"
     assert result["c2st_classifier"] == "sklearn" and result["sbibm_comparable"]
     assert [row["observation"] for row in result["observations"]] == [1]

@@ -26,6 +26,7 @@ from freeflows.data.sbi_ode import (
     simulate_sir,
     sir_infected_fraction,
 )
+from sbi_cases import tiny_fff_sbi_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,30 +285,9 @@ def test_sbi_cli_end_to_end_sir(tmp_path, capsys):
     pytest.importorskip("sbibm")
     pytest.importorskip("sklearn")
     pytest.importorskip("scipy")
-    from freeflows.cli import main
-
     out = tmp_path / "run"
-    code = main(
-        [
-            "sbi",
-            "--task",
-            "sir",
-            "--budget",
-            "300",
-            "--observations",
-            "1",
-            "--num-samples",
-            "300",
-            "--set",
-            "trainer.max_steps=20",
-            "--set",
-            "trainer.plot=false",
-            "--out",
-            str(out),
-        ]
-    )
+    code, result = tiny_fff_sbi_run("sir", out)
     assert code == 0
-    result = json.loads((out / "sbi_c2st.json").read_text())
     assert result["task"] == "sir" and result["budget"] == 300 and result["method"] == "fff"
     assert result["preset"] == "sbi-sir" and result["model"]["fff"]["beta"] == 30.0
     assert [row["observation"] for row in result["observations"]] == [1]

@@ -19,11 +19,8 @@ from ..continuous import CNF
 from ..distributions import StandardNormal
 from ..nets.velocity import TimeMLP
 
-#: Every option of :func:`build` and its default.
-DEFAULTS: dict[str, Any] = {
-    "hidden": 64,
-    "layers": 3,
-    "activation": "tanh",
+#: The trace, ODE solver and regulariser options shared by every CNF kind (``cnf``, ``ecnf``).
+SOLVER_DEFAULTS: dict[str, Any] = {
     "trace": "exact",
     "hutchinson": "gaussian",
     "solver": "dopri5",
@@ -35,10 +32,18 @@ DEFAULTS: dict[str, Any] = {
     "adjoint": False,
     "kinetic": 0.0,
     "jacobian": 0.0,
-    "augment_dims": 0,
     "t1": 1.0,
     "chunk_size": None,
     "max_num_steps": 10_000,
+}
+
+#: Every option of :func:`build` and its default.
+DEFAULTS: dict[str, Any] = {
+    "hidden": 64,
+    "layers": 3,
+    "activation": "tanh",
+    "augment_dims": 0,
+    **SOLVER_DEFAULTS,
 }
 
 

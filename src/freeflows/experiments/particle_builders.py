@@ -26,6 +26,7 @@ from ..continuous import CNF
 from ..distributions import MeanFreeNormal
 from ..freeform import FreeFormFlow
 from ..nets.egnn import EGNN, EGNNVelocity
+from .cnf_builders import SOLVER_DEFAULTS
 
 #: Options of ``fff-egnn`` and their defaults.
 FFF_EGNN_DEFAULTS: dict[str, Any] = {
@@ -39,25 +40,7 @@ FFF_EGNN_DEFAULTS: dict[str, Any] = {
 }
 
 #: Options of ``ecnf`` and their defaults.
-ECNF_DEFAULTS: dict[str, Any] = {
-    "hidden": 32,
-    "layers": 3,
-    "attention": True,
-    "trace": "exact",
-    "hutchinson": "gaussian",
-    "solver": "dopri5",
-    "rtol": 1e-5,
-    "atol": 1e-5,
-    "train_rtol": None,
-    "train_atol": None,
-    "step_size": None,
-    "adjoint": False,
-    "kinetic": 0.0,
-    "jacobian": 0.0,
-    "t1": 1.0,
-    "chunk_size": None,
-    "max_num_steps": 10_000,
-}
+ECNF_DEFAULTS: dict[str, Any] = {"hidden": 32, "layers": 3, "attention": True, **SOLVER_DEFAULTS}
 
 
 def _options(kind: str, defaults: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
