@@ -45,6 +45,19 @@ def test_sbi_cli_end_to_end_fff(tmp_path, capsys):
     assert "mean C2ST" in capsys.readouterr().out
 
 
+def test_sbi_cli_unbounded_fff_draws_inside_the_box(tmp_path):
+    # With data.options.unbounded the model learns logit-mapped theta: even barely trained, every
+    # draw maps back inside slcp's prior box [-3, 3]^5 (the plain preset is tested above).
+    pytest.importorskip("sbibm")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    code, result = tiny_fff_sbi_run("slcp", out, "data.options.unbounded=true")
+    assert code == 0
+    assert result["observations"][0]["prior_acceptance"] >= 0.999
+    draws = np.load(out / "posterior_obs1.npy")
+    assert draws.shape == (300, 5) and np.abs(draws).max() <= 3.0
+
+
 def _tiny_npe_run(run_sbi, out, observations, num_samples, **options):
     """A seconds-long NPE-NSF run on 200 two_moons simulations (2 epochs, 16 hidden units)."""
     return run_sbi(

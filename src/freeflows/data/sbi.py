@@ -14,6 +14,11 @@ variables (see :func:`posterior_log_prob`):
 .. math:: \log q(\theta \mid x) = \log \tilde q(\tilde\theta \mid \tilde x)
    - \textstyle\sum_j \log \sigma_{\theta, j} .
 
+With ``unbounded=True``, :math:`\theta` is first mapped onto :math:`\mathbb{R}^D` by the bijection
+:math:`T` of its prior's support (:func:`support_map`: a logit for box priors, a log for
+log-normal ones), and :math:`\tilde\theta` standardises :math:`T(\theta)`; the density gains
+:math:`\log\lvert\det J_T(\theta)\rvert`, and every draw lands inside the support.
+
 sbibm is imported only inside the functions here; install it with ``pip install -e .[sbi]``
 (the working pins are in ``requirements-sbi.txt``). Its wheel ships each task's 10 observations
 and 10,000 reference posterior samples per observation, so nothing is downloaded.
@@ -39,6 +44,7 @@ from torch import Tensor
 from .base import DataSet, split_by_seed
 from .sbi_ode import ODE_SIMULATORS
 from .standardize import Standardizer
+from .support import BoxLogit, PositiveLog
 
 #: The sbibm tasks that simulate offline: sbibm's own simulators, and for sir and lotka_volterra
 #: (which sbibm simulates with Julia) the scipy ones of :mod:`freeflows.data.sbi_ode`.
@@ -162,12 +168,31 @@ def reference_posterior(task: str, num_observation: int) -> Tensor:
         return sbibm_task.get_reference_posterior_samples(num_observation=num_observation).float()
 
 
+def support_map(task: str) -> BoxLogit | PositiveLog | None:
+    r"""The bijection of ``task``'s prior support onto :math:`\mathbb{R}^D`, or ``None`` if it is
+    :math:`\mathbb{R}^D` already.
+
+    A uniform prior on a box gets :class:`~freeflows.data.support.BoxLogit`, a log-normal one
+    :class:`~freeflows.data.support.PositiveLog`; Gaussian priors need none.
+    """
+    prior = get_task(check_task(task)).get_prior_dist()
+    base = getattr(prior, "base_dist", prior)
+    if isinstance(base, torch.distributions.Uniform):
+        return BoxLogit(base.low.reshape(-1).float(), base.high.reshape(-1).float())
+    if isinstance(base, torch.distributions.LogNormal):
+        return PositiveLog(int(prior.event_shape[0]))
+    if isinstance(base, torch.distributions.MultivariateNormal):
+        return None
+    raise NotImplementedError(f"no support map for the prior of {task} ({type(base).__name__})")
+
+
 def load_sbi_task(
     task: str,
     budget: int,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.05,
+    unbounded: bool = False,
 ) -> DataSet:
     r"""A conditional data set of ``budget`` simulations of ``task``, split and standardised.
 
@@ -177,7 +202,10 @@ def load_sbi_task(
 
     ``meta`` holds ``task``, ``budget``, ``seed``, ``dim_theta``, ``dim_x``, and the two
     :class:`Standardizer` objects ``theta_standardizer`` and ``x_standardizer``, to map model
-    samples back (``inverse``) and new observations in (``forward``).
+    samples back (``inverse``) and new observations in (``forward``), and ``theta_support_map``:
+    with ``unbounded=True`` the task's :func:`support_map` (applied before the standardisation, so
+    a model sample :math:`\tilde\theta` maps back to ``support.inverse(theta_std.inverse(...))``),
+    otherwise ``None``.
     """
     check_task(task)
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -185,7 +213,12 @@ def load_sbi_task(
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    if not isinstance(unbounded, bool):
+        raise ValueError(f"unbounded must be true or false, got {unbounded!r}")
     theta, x = simulate(task, budget, seed)
+    support = support_map(task) if unbounded else None
+    if support is not None:
+        theta = support(theta)
     train, val, test = split_by_seed(theta, x, (val_fraction, test_fraction), seed)
     if len(train) < 2:
         raise ValueError(f"a budget of {budget} leaves {len(train)} training simulations; need at least 2")
@@ -210,14 +243,28 @@ def load_sbi_task(
             "dim_x": x.shape[1],
             "theta_standardizer": theta_std,
             "x_standardizer": x_std,
+            "theta_support_map": support,
         },
     )
 
 
-def posterior_log_prob(log_prob_standardised: Tensor, theta_standardizer: Standardizer) -> Tensor:
+def posterior_log_prob(
+    log_prob_standardised: Tensor,
+    theta_standardizer: Standardizer,
+    theta: Tensor | None = None,
+    support: BoxLogit | PositiveLog | None = None,
+) -> Tensor:
     r""":math:`\log q(\theta \mid x)` from a model's :math:`\log \tilde q(\tilde\theta \mid \tilde x)`.
 
-    Adds the log-Jacobian of :math:`\theta \mapsto \tilde\theta`, :math:`-\sum_j \log\sigma_{\theta,j}`.
-    (Standardising the condition :math:`x` changes no density of :math:`\theta`.)
+    Adds the log-Jacobian of :math:`\theta \mapsto \tilde\theta`: :math:`-\sum_j
+    \log\sigma_{\theta,j}`, plus :math:`\log\lvert\det J_T(\theta)\rvert` when the data set was
+    made with ``unbounded=True`` (pass its ``theta_support_map`` as ``support`` and the original
+    ``theta``, shape ``[N, D]``). Standardising the condition :math:`x` changes no density of
+    :math:`\theta`.
     """
-    return log_prob_standardised + theta_standardizer.log_abs_det().to(log_prob_standardised)
+    out = log_prob_standardised + theta_standardizer.log_abs_det().to(log_prob_standardised)
+    if support is not None:
+        if theta is None:
+            raise ValueError("posterior_log_prob needs theta when a support map is given")
+        out = out + support.log_abs_det(theta).to(out)
+    return out

@@ -9,7 +9,8 @@ budget :math:`N`:
      with ``data.n_train = N`` (the run directory gets the runner's checkpoints, metrics and
      plots). The model lives on standardised :math:`(\tilde\theta, \tilde x)`; an observation is
      standardised with the training statistics of :math:`x`, and draws are mapped back with those
-     of :math:`\theta`;
+     of :math:`\theta` (and, with ``--set data.options.unbounded=true``, through the inverse of
+     the prior-support bijection of :func:`freeflows.data.sbi.support_map`);
    * ``npe-nsf``: NPE with sbi's neural spline flow (:mod:`freeflows.sbi_baseline`) on exactly the
      same simulations (train and validation splits of the same data set);
 
@@ -101,6 +102,7 @@ def train_fff(
     seconds = time.perf_counter() - start
     _, data, model = load_run(run_dir)
     theta_std, x_std = data.meta["theta_standardizer"], data.meta["x_standardizer"]
+    support = data.meta.get("theta_support_map")
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
     def sample(n: int, x_o: Tensor, draw_seed: int) -> Tensor:
@@ -108,7 +110,8 @@ def train_fff(
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(draw_seed)
             draws = model.sample(n, c)
-        return theta_std.inverse(draws.reshape(n, -1))
+        theta = theta_std.inverse(draws.reshape(n, -1))
+        return theta if support is None else support.inverse(theta)
 
     info = {
         "train_seconds": round(seconds, 1),
