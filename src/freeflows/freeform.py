@@ -51,6 +51,11 @@ The decoder learns only through the reconstruction term.
 :math:`x = g(z)`: :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert`, with the full
 Jacobian. The encoder-based value :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert` is also
 available; the gap between the two shows how well :math:`g` inverts :math:`f`.
+
+**Sampling** is one decoder pass, :math:`g(z)`. With ``sample_refine_steps = K > 0`` each draw is
+then moved towards :math:`f^{-1}(z)` by :math:`K` steps of :func:`freeflows.inversion.invert_encoder`
+(one encoder and one decoder pass each), so the draws follow the encoder's density, the one that
+maximum likelihood trains.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from .checks import check_condition, check_data, numel
 from .conditioning import accepts_condition, call_with_condition
 from .contract import Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
+from .inversion import invert_encoder
 from .jacobian import JacobianMode, log_abs_det_jacobian
 from .tangents import Unsupported, dual_forward
 
@@ -93,6 +99,8 @@ class FreeFormFlow(nn.Module):
             :math:`J_f v` by forward mode through the encoder; ``"jvp"`` takes :math:`J_g v` by
             forward mode through the decoder and :math:`v^\top J_f` by reverse mode through the
             encoder, with a double backward pass.
+        sample_refine_steps: iterations of :func:`freeflows.inversion.invert_encoder` applied to
+            each decoder draw by :meth:`sample` (``0``, the default: the plain decoder draw).
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class FreeFormFlow(nn.Module):
         condition_dim: int | None = None,
         jacobian_mode: JacobianMode = "auto",
         surrogate: SurrogateMode = "vjp",
+        sample_refine_steps: int = 0,
     ):
         super().__init__()
         if not isinstance(beta, (int, float)) or not beta >= 0:
@@ -116,6 +125,8 @@ class FreeFormFlow(nn.Module):
             raise ValueError(f"unknown jacobian_mode {jacobian_mode!r}; choose auto, forward or reverse")
         if surrogate not in SURROGATE_MODES:
             raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATE_MODES)}")
+        if not isinstance(sample_refine_steps, int) or sample_refine_steps < 0:
+            raise ValueError(f"sample_refine_steps must be an integer >= 0, got {sample_refine_steps!r}")
         self.encoder = encoder
         self.decoder = decoder
         self.latent = latent
@@ -128,6 +139,7 @@ class FreeFormFlow(nn.Module):
         self.condition_dim = condition_dim
         self.jacobian_mode: JacobianMode = jacobian_mode
         self.surrogate: SurrogateMode = surrogate
+        self.sample_refine_steps = sample_refine_steps
         self._encoder_takes_c = accepts_condition(encoder)
         self._decoder_takes_c = accepts_condition(decoder)
 
@@ -304,7 +316,9 @@ class FreeFormFlow(nn.Module):
         )
 
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass). With ``c`` of shape
+        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass), each refined towards
+        :math:`f^{-1}(z)` by ``sample_refine_steps`` steps of
+        :func:`~freeflows.inversion.invert_encoder` if that is positive. With ``c`` of shape
         ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -312,4 +326,7 @@ class FreeFormFlow(nn.Module):
         z = self.latent.sample(n, generator=generator)
         if c is not None:
             z = z.to(c)
-        return self.decode(z, c)
+        if self.sample_refine_steps == 0:
+            return self.decode(z, c)
+        x, _ = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
+        return x

@@ -29,6 +29,7 @@ FFF_DEFAULTS: dict[str, Any] = {
     "hutchinson": "gaussian",
     "hutchinson_samples": 1,
     "surrogate": "vjp",
+    "sample_refine_steps": 0,
 }
 
 
@@ -52,6 +53,7 @@ def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **
         hutchinson_samples=o["hutchinson_samples"],
         surrogate=o["surrogate"],
         condition_dim=condition_dim,
+        sample_refine_steps=o["sample_refine_steps"],
     )
 
 
