@@ -13,6 +13,10 @@ with the first ``--num-samples`` of sbibm's reference samples by C2ST (``--c2st 
 sbibm's classifier, ``--c2st batched`` the same algorithm in torch for all observations at once,
 ``--c2st torch`` a faster, different one, not sbibm-comparable). 0.5 is best.
 
+``--reuse`` re-scores fff models that an earlier run of this script trained in ``--runs``, when
+only sampling options (``model.fff.sample_refine_steps``) changed; their rows keep the original
+training time and say ``"reused_training": true``.
+
 Each finished run is appended to ``benchmarks/results/<name>.jsonl`` at once (so a long job that is
 stopped keeps what it measured), and ``<name>.md`` is rewritten from all rows of that file.
 
@@ -121,6 +125,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="sbi_c2st")
     parser.add_argument("--report", action="store_true", help="only rewrite <name>.md from <name>.jsonl")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="fff: sample a model already trained in the run directory with the same config (apart "
+        "from sampling options) instead of training it again",
+    )
     args = parser.parse_args()
     if args.report:
         rewrite_table(args.name)
@@ -142,6 +152,7 @@ def main() -> None:
                     overrides=list(args.overrides) if method == "fff" else None,
                     c2st_classifier=args.c2st,
                     plots="first",
+                    reuse=args.reuse and method == "fff",
                 )
                 result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
                 with jsonl.open("a") as fh:

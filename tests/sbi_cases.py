@@ -28,13 +28,13 @@ def two_moons_pairs(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def tiny_fff_sbi_run(task: str, out: Path, *overrides: str) -> tuple[int, dict[str, Any]]:
     """``freeflows sbi`` on ``task`` with 300 simulations, 20 training steps and 300 draws for
-    observation 1 (plus ``--set`` ``overrides``); returns the exit code and the written
-    ``sbi_c2st.json``."""
+    observation 1, plus ``--set`` ``overrides`` (or flags such as ``--reuse``); returns the exit
+    code and the written ``sbi_c2st.json``."""
     from freeflows.cli import main
 
     args = ["sbi", "--task", task, "--budget", "300", "--observations", "1", "--num-samples", "300"]
     args += ["--set", "trainer.max_steps=20", "--set", "trainer.plot=false", "--out", str(out)]
     for override in overrides:
-        args += ["--set", override]
+        args += [override] if override.startswith("--") else ["--set", override]
     code = main(args)
     return code, json.loads((out / "sbi_c2st.json").read_text()) if code == 0 else {}

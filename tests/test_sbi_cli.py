@@ -58,6 +58,32 @@ def test_sbi_cli_unbounded_fff_draws_inside_the_box(tmp_path):
     assert draws.shape == (300, 5) and np.abs(draws).max() <= 3.0
 
 
+def test_sbi_cli_reuse_rescores_a_trained_model_with_new_sampling_options(tmp_path, capsys):
+    # A second run with --reuse and only a sampling option changed loads the trained model (the
+    # same checkpoint, steps and recorded training time) and samples it with refinement; any
+    # training option changed is a one-line error that leaves the run directory as it was.
+    pytest.importorskip("sbibm")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    code, first = tiny_fff_sbi_run("two_moons", out)
+    assert code == 0 and first["reused_training"] is False
+    ckpt = (out / "checkpoints" / "best.ckpt").read_bytes()
+    plain = np.load(out / "posterior_obs1.npy")
+    code, again = tiny_fff_sbi_run("two_moons", out, "model.fff.sample_refine_steps=5", "--reuse")
+    assert code == 0 and again["reused_training"] is True
+    assert again["train_seconds"] == first["train_seconds"] and again["steps"] == first["steps"]
+    assert again["model"]["fff"]["sample_refine_steps"] == 5
+    assert (out / "checkpoints" / "best.ckpt").read_bytes() == ckpt
+    # same seeds, same model: the draws differ only because they were refined
+    refined = np.load(out / "posterior_obs1.npy")
+    assert refined.shape == plain.shape and not np.array_equal(refined, plain)
+    capsys.readouterr()
+    code, _ = tiny_fff_sbi_run("two_moons", out, "optim.lr=0.01", "--reuse")
+    err = capsys.readouterr().err
+    assert code == 2 and "optim.lr" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoints" / "best.ckpt").read_bytes() == ckpt
+
+
 def _tiny_npe_run(run_sbi, out, observations, num_samples, **options):
     """A seconds-long NPE-NSF run on 200 two_moons simulations (2 epochs, 16 hidden units)."""
     return run_sbi(
@@ -122,6 +148,7 @@ def test_batched_c2st_scores_every_observation_at_once(tmp_path):
         (["--task", "two_moons", "--budget", "100", "--set", "data.n_train=5"], "--set"),
         (["--task", "two_moons", "--budget", "100", "--set", "model.fff.nope=1"], "nope"),
         (["--task", "two_moons", "--budget", "100", "--c2st", "fast"], "unknown C2ST classifier"),
+        (["--task", "two_moons", "--budget", "100", "--method", "npe-nsf", "--reuse"], "--reuse"),
     ],
 )
 def test_sbi_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "observations at once, several times faster) or torch (NOT comparable with sbibm's numbers)",
     )
     b.add_argument("--fast-c2st", action="store_true", help="same as --c2st torch")
+    b.add_argument(
+        "--reuse",
+        action="store_true",
+        help="fff: sample the model already trained in --out if its config matches (apart from "
+        "sampling options such as model.fff.sample_refine_steps) instead of training again",
+    )
     b.add_argument("--plots", default="first", help="pair plots for the first (default), all or none")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
@@ -217,6 +223,7 @@ def _sbi(args: argparse.Namespace) -> int:
         overrides=overrides,
         c2st_classifier="torch" if args.fast_c2st else args.c2st,
         plots=args.plots,
+        reuse=args.reuse,
     )
     return 0
 

@@ -85,10 +85,56 @@ def default_run_dir(task: str, budget: int, method: str) -> Path:
 
 
 # -- training -------------------------------------------------------------------------------------
+#: Config keys that change how a trained model is sampled but not its training; a run that
+#: differs from the requested config only in these can be reused (``reuse=True``).
+SAMPLING_ONLY_KEYS: tuple[str, ...] = (
+    "model.fff.sample_refine_steps",
+    "trainer.progress_bar",
+    "trainer.plot",
+)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def trained_run_differences(run_dir: Path, cfg: dict[str, Any]) -> list[str] | None:
+    """``None`` if ``run_dir`` holds no finished training; else the config keys (other than
+    :data:`SAMPLING_ONLY_KEYS`) in which its saved config differs from ``cfg``."""
+    from .config import _merge, default_config
+
+    saved_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.json"
+    if not (saved_path.is_file() and metrics_path.is_file()):
+        return None
+    import yaml
+
+    try:
+        saved = _merge(default_config(), yaml.safe_load(saved_path.read_text()) or {})
+    except yaml.YAMLError:
+        raise ValueError(f"{saved_path} is not valid YAML; cannot reuse {run_dir}") from None
+    a, b = _flat(saved), _flat(cfg)
+    return sorted(k for k in set(a) | set(b) if k not in SAMPLING_ONLY_KEYS and a.get(k) != b.get(k))
+
+
 def train_fff(
-    task: str, budget: int, seed: int, run_dir: Path, overrides: list[str] | None = None
+    task: str,
+    budget: int,
+    seed: int,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    reuse: bool = False,
 ) -> tuple[Sampler, dict[str, Any]]:
-    """Train the preset ``sbi-<task>`` through the runner; return a sampler on the original scale."""
+    """Train the preset ``sbi-<task>`` through the runner; return a sampler on the original scale.
+
+    With ``reuse``, a finished run already in ``run_dir`` whose config equals this one apart from
+    :data:`SAMPLING_ONLY_KEYS` is loaded instead of trained again (its recorded training time is
+    reported); a run with any other difference is an error, never silently reused."""
     from ..runner.train import load_run, train
     from .config import load_config
 
@@ -97,13 +143,28 @@ def train_fff(
         raise ValueError("--set must not change data.name or data.n_train (use --task and --budget)")
     if cfg["seed"] != seed:
         raise ValueError("--set must not change seed (use --seed)")
+    differences = trained_run_differences(run_dir, cfg) if reuse else None
+    if differences:
+        shown = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
+        raise ValueError(
+            f"--reuse: the model in {run_dir} was trained with a different config ({shown}); "
+            "drop --reuse to train again, or give another --out"
+        )
+    reused = differences is not None
     start = time.perf_counter()
-    train(cfg, run_dir)
+    if not reused:
+        train(cfg, run_dir)
     seconds = time.perf_counter() - start
     _, data, model = load_run(run_dir)
+    if cfg["model"]["kind"] == "fff":
+        model.sample_refine_steps = cfg["model"]["fff"]["sample_refine_steps"]
     theta_std, x_std = data.meta["theta_standardizer"], data.meta["x_standardizer"]
     support = data.meta.get("theta_support_map")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    if reused:  # the time of the original training, as its own sbi run recorded it if it did
+        previous = run_dir / "sbi_c2st.json"
+        recorded = json.loads(previous.read_text()) if previous.is_file() else metrics
+        seconds = float(recorded.get("train_seconds", float("nan")))
 
     def sample(n: int, x_o: Tensor, draw_seed: int) -> Tensor:
         c = x_std(x_o.reshape(1, -1)).reshape(-1)
@@ -115,6 +176,7 @@ def train_fff(
 
     info = {
         "train_seconds": round(seconds, 1),
+        "reused_training": reused,
         "steps": metrics.get("steps"),
         "test_nll_standardised": metrics.get("test_nll"),
         "preset": preset_name(task),
@@ -280,9 +342,13 @@ def run_sbi(
     c2st_classifier: str = "sklearn",
     plots: str = "first",
     npe_options: dict[str, Any] | None = None,
+    reuse: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train, sample and score; write ``sbi_c2st.json``/``.md`` in the run directory; return the result."""
+    """Train, sample and score; write ``sbi_c2st.json``/``.md`` in the run directory; return the result.
+
+    ``reuse`` (fff only) samples a model already trained in ``out`` with the same config, apart
+    from sampling options (see :func:`train_fff`)."""
     observations = list(observations or range(1, NUM_OBSERVATIONS + 1))
     check_arguments(task, budget, method, observations, num_samples, plots)
     if c2st_classifier not in C2ST_CLASSIFIERS:
@@ -290,16 +356,19 @@ def run_sbi(
         raise ValueError(f"unknown C2ST classifier {c2st_classifier!r}; choose one of: {choices}")
     if method == "npe-nsf" and overrides:
         raise ValueError("--set configures the fff preset; it has no effect with --method npe-nsf")
+    if reuse and (method != "fff" or not out):
+        raise ValueError("--reuse needs --method fff and the --out directory of the trained run")
     run_dir = Path(out) if out else default_run_dir(task, budget, method)
     classifier = c2st_classifier
     if classifier not in SBIBM_COMPARABLE:
         log(f"note: the {classifier!r} C2ST classifier's scores are NOT comparable with sbibm's")
     log(f"training {method} on {budget} simulations of {task} (seed {seed}) -> {run_dir}")
     if method == "fff":
-        sample, info = train_fff(task, budget, seed, run_dir, overrides)
+        sample, info = train_fff(task, budget, seed, run_dir, overrides, reuse=reuse)
     else:
         sample, info = train_npe_nsf(task, budget, seed, run_dir, **(npe_options or {}))
-    log(f"trained in {info['train_seconds']} s; C2ST ({classifier}) on observations {observations}")
+    done = "reused the model trained" if info.get("reused_training") else "trained"
+    log(f"{done} in {info['train_seconds']} s; C2ST ({classifier}) on observations {observations}")
     rows = score_observations(
         sample,
         task,
