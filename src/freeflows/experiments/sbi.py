@@ -362,7 +362,8 @@ def run_sbi(
     classifier = c2st_classifier
     if classifier not in SBIBM_COMPARABLE:
         log(f"note: the {classifier!r} C2ST classifier's scores are NOT comparable with sbibm's")
-    log(f"training {method} on {budget} simulations of {task} (seed {seed}) -> {run_dir}")
+    doing = "loading (--reuse) or training" if reuse else "training"
+    log(f"{doing} {method} on {budget} simulations of {task} (seed {seed}) -> {run_dir}")
     if method == "fff":
         sample, info = train_fff(task, budget, seed, run_dir, overrides, reuse=reuse)
     else:
