@@ -49,6 +49,18 @@ def test_converges_to_the_encoders_inverse():
     assert (r5 <= r0).all() and r5.median().item() < 0.1 * r0.median().item()
 
 
+def test_shorter_steps_rescue_an_overshooting_decoder():
+    # g = 2.5 f^-1 overshoots: the full step x + g(z) - g(f(x)) multiplies the error by -1.5 and
+    # diverges. With the step halved (alpha = 1/2) the factor is 1 - 1.25 = -0.25, so it converges.
+    enc, dec, a, b = _affine_pair(error=0.0)
+    with torch.no_grad():
+        dec.weight.mul_(2.5), dec.bias.mul_(2.5)
+    z = torch.randn(64, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x, r = invert_encoder(*_nets(enc, dec), z, steps=60)
+    assert r.max().item() < 1e-9
+    torch.testing.assert_close(x, torch.linalg.solve(a, (z - b).T).T, rtol=0, atol=1e-8)
+
+
 def test_a_diverging_iteration_never_leaves_the_best_iterate():
     # A decoder with the wrong sign makes every step overshoot: the residual must never grow and
     # the draws must stay finite.

@@ -6,14 +6,16 @@ encoder's :math:`\log q(x) = \log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`, whic
 likelihood trains. To draw from the encoder's distribution, solve :math:`f(x) = z` by the fixed
 point iteration
 
-.. math:: x_0 = g(z), \qquad x_{k+1} = x_k + g(z) - g(f(x_k)) .
+.. math:: x_0 = g(z), \qquad x_{k+1} = x_k + \alpha_k\,\bigl(g(z) - g(f(x_k))\bigr) .
 
 A fixed point has :math:`g(f(x^*)) = g(z)`, so :math:`f(x^*) = z` wherever :math:`g` is
 injective. The iteration map has Jacobian :math:`I - J_g(f(x))\,J_f(x)`, which the
 reconstruction loss drives towards zero, so the iteration contracts quickly near the data (a
 quasi-Newton step with :math:`J_g \approx J_f^{-1}`). It needs no Jacobian, only one encoder and
-one decoder pass per step. Each sample keeps its best iterate (the smallest residual
-:math:`\lVert f(x) - z\rVert`), so a step that overshoots is never taken.
+one decoder pass per step. Each sample has its own step size :math:`\alpha \le 1`, starting at 1:
+a step that lowers the residual :math:`\lVert f(x) - z\rVert` is taken and doubles
+:math:`\alpha` (up to 1); one that does not is rejected and halves it. So every sample keeps its
+best iterate, and one that overshoots retries with a shorter step instead of stopping.
 """
 
 from __future__ import annotations
@@ -63,14 +65,16 @@ def invert_encoder(
     g_z = decode(z, c)
     x, e = g_z, encode(g_z, c)
     residual = _norms(e - z)
+    alpha = torch.ones_like(residual)
     for _ in range(steps):
         if bool((residual <= tol).all()):
             break
-        x_new = x + g_z - decode(e, c)
+        x_new = x + _rows(alpha, x) * (g_z - decode(e, c))
         e_new = encode(x_new, c)
         r_new = _norms(e_new - z)
         better = r_new < residual  # NaN never counts as better
         x = torch.where(_rows(better, x), x_new, x)
         e = torch.where(_rows(better, e), e_new, e)
         residual = torch.where(better, r_new, residual)
+        alpha = torch.where(better, (2 * alpha).clamp(max=1.0), alpha / 2)
     return x, residual
