@@ -1,4 +1,5 @@
-"""Sampling throughput of every model, untrained, at D = 2 and 16.
+"""Sampling throughput of every model, untrained, at D = 2 and 16, and of the free-form flow with
+20 refinement steps (:mod:`freeflows.inversion`).
 
 Each model is built with its default options by the same builder the CLI uses
 (:func:`freeflows.experiments.models.build_model`) and timed drawing ``N`` samples per call under
@@ -21,7 +22,11 @@ import torch
 from . import common
 
 NAME = "sampling"
-MODELS = ("fff", "realnvp", "maf", "iaf", "glow", "nice", "planar", "cnf")
+#: Rows: model kinds with their default options, plus named variants ``row -> (kind, options)``.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fff, 20 refine steps": ("fff", {"sample_refine_steps": 20}),
+}
+MODELS = ("fff", *VARIANTS, "realnvp", "maf", "iaf", "glow", "nice", "planar", "cnf")
 DIMS = (2, 16)
 N = 4096
 OTHER_FILES = ("sampling_speed.json", "autoregressive_timing.json")
@@ -30,8 +35,9 @@ OTHER_FILES = ("sampling_speed.json", "autoregressive_timing.json")
 def sampler(kind: str, dim: int, n: int):
     from ..experiments.models import build_model
 
+    base, options = VARIANTS.get(kind, (kind, {}))
     torch.manual_seed(0)
-    model = build_model({"kind": kind}, (dim,), None).eval()
+    model = build_model({"kind": base, base: options}, (dim,), None).eval()
 
     def draw() -> None:
         with torch.no_grad():
