@@ -44,19 +44,32 @@ def refine_steps(row: dict) -> int:
     return int((row.get("model") or {}).get("fff", {}).get("sample_refine_steps", 0))
 
 
+def training_key(row: dict) -> str | None:
+    """What decides an fff row's trained model: its options (apart from sampling ones), optimiser,
+    trainer settings and the number of steps it ran (so ``max_epochs``/``max_steps`` that resolve
+    to the same length count as equal). ``None`` for rows that did not record them."""
+    if not all(k in row for k in ("model", "optim", "trainer", "steps")):
+        return None
+    fff = {k: v for k, v in row["model"].get("fff", {}).items() if k != "sample_refine_steps"}
+    trainer = {k: v for k, v in row["trainer"].items() if k not in ("max_steps", "max_epochs")}
+    return json.dumps([fff, row["optim"], trainer, row["steps"]], sort_keys=True)
+
+
 def _latest(rows: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
-    """(task, budget) -> method -> its last row (a rerun replaces an earlier row). The last fff row
-    that sampled with one decoder pass is also kept, as ``"fff-1pass"``, when it is not the
-    last fff row (so a re-scored, refined row can be shown next to the plain one)."""
+    """(task, budget) -> method -> its last row (a rerun replaces an earlier row). When the last fff
+    row sampled with refinement, the last one-decoder-pass fff row *of the same trained model*
+    (same :func:`training_key`) is kept too, as ``"fff-1pass"``."""
     cells: dict[tuple[str, int], dict[str, dict]] = {}
-    plain: dict[tuple[str, int], dict] = {}
     for r in rows:
         cells.setdefault((r["task"], r["budget"]), {})[r["method"]] = r
-        if r["method"] == "fff" and refine_steps(r) == 0:
-            plain[(r["task"], r["budget"])] = r
-    for key, r in plain.items():
-        if cells[key]["fff"] is not r:
-            cells[key]["fff-1pass"] = r
+    for key, got in cells.items():
+        last = got.get("fff")
+        if last is None or refine_steps(last) == 0 or training_key(last) is None:
+            continue
+        for r in rows:
+            same_cell = (r["task"], r["budget"]) == key and r["method"] == "fff"
+            if same_cell and refine_steps(r) == 0 and training_key(r) == training_key(last):
+                got["fff-1pass"] = r
     return cells
 
 
@@ -72,8 +85,8 @@ def _score(got: dict[str, dict], method: str) -> str:
 
 def side_by_side(rows: list[dict]) -> list[str]:
     """The README table: one line per (task, budget), fff against npe-nsf (the better in bold),
-    fff's earlier one-decoder-pass score if its latest row is refined, fff's step count, both
-    training times and the share of fff's draws inside the prior."""
+    the same trained fff model's one-decoder-pass score if its latest row is refined, fff's step
+    count, both training times and the share of fff's draws inside the prior."""
     cells = _latest(rows)
     lines = [
         "| task | θ dim | budget | fff | npe-nsf | fff, one decoder pass | fff steps | fff train s | "

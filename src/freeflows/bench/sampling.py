@@ -1,5 +1,5 @@
 """Sampling throughput of every model, untrained, at D = 2 and 16, and of the free-form flow with
-20 refinement steps (:mod:`freeflows.inversion`).
+20 refinement steps (:mod:`freeflows.inversion`; random weights, so that all 20 steps run).
 
 Each model is built with its default options by the same builder the CLI uses
 (:func:`freeflows.experiments.models.build_model`) and timed drawing ``N`` samples per call under
@@ -38,6 +38,13 @@ def sampler(kind: str, dim: int, n: int):
     base, options = VARIANTS.get(kind, (kind, {}))
     torch.manual_seed(0)
     model = build_model({"kind": base, base: options}, (dim,), None).eval()
+    if options.get("sample_refine_steps"):
+        # An untrained ResNet is exactly the identity, so f(g(z)) = z and the refinement would stop
+        # at once. Random weights (the timing of a pass does not depend on their values) make it
+        # run all its steps, as it does on a trained model whose decoder inverts only roughly.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.3 / max(1, param.shape[-1]) ** 0.5)
 
     def draw() -> None:
         with torch.no_grad():
