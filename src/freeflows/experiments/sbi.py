@@ -107,18 +107,11 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def trained_run_differences(run_dir: Path, cfg: dict[str, Any]) -> list[str] | None:
     """``None`` if ``run_dir`` holds no finished training; else the config keys (other than
     :data:`SAMPLING_ONLY_KEYS`) in which its saved config differs from ``cfg``."""
-    from .config import _merge, default_config
+    from ..runner.train import read_run_config
 
-    saved_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.json"
-    if not (saved_path.is_file() and metrics_path.is_file()):
+    if not ((run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()):
         return None
-    import yaml
-
-    try:
-        saved = _merge(default_config(), yaml.safe_load(saved_path.read_text()) or {})
-    except yaml.YAMLError:
-        raise ValueError(f"{saved_path} is not valid YAML; cannot reuse {run_dir}") from None
-    a, b = _flat(saved), _flat(cfg)
+    a, b = _flat(read_run_config(run_dir)), _flat(cfg)
     return sorted(k for k in set(a) | set(b) if k not in SAMPLING_ONLY_KEYS and a.get(k) != b.get(k))
 
 

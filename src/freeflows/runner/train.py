@@ -174,9 +174,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit the model in config.yaml: {first}") from None
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
-    """Rebuild a run's config, data and model with its best (else last) weights."""
-    from ..experiments.config import _merge, default_config, validate
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's saved ``config.yaml``, completed with today's defaults (not validated)."""
+    from ..experiments.config import _merge, default_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -190,7 +190,15 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{cfg_path} is not valid YAML") from None
-    cfg = _merge(default_config(), raw)
+    return _merge(default_config(), raw)
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
+    """Rebuild a run's config, data and model with its best (else last) weights."""
+    from ..experiments.config import validate
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
     validate(cfg)
     data, model = build(cfg)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
