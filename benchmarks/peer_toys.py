@@ -1,0 +1,444 @@
+"""The free-form flow against the flow a user would pick instead (zuko's neural spline flow) on
+the toy data sets, side by side in one process, at equal CPU time and at equal steps.
+
+Models (``--models``), all trained by :mod:`peer_baseline`'s loop on the same data and batches:
+
+* ``fff``: the preset's free-form flow, exactly as ``freeflows.runner.train.build`` makes it;
+* ``nsf``: ``zuko.flows.NSF(features)`` with zuko's defaults (the peer);
+* ``maf``: ``zuko.flows.MAF(features)`` with zuko's defaults (reference);
+* ``realnvp``: freeflows' RealNVP with its ``model.realnvp`` defaults (reference; needs 2-D);
+* ``fff-cycle``: the preset's free-form flow plus a cycle term on latent draws (``--cycle``,
+  issue 14 item 7; see :func:`peer_baseline.fff_contender`).
+
+Data sets: the presets ``eight-gaussians``, ``two-moons`` and ``gaussian-mixture-1d`` (data and
+train/test split from the preset with the run's seed). Budgets (``--budgets``): ``cpu``, the same
+``time.process_time()`` per model (``--cpu-seconds``), interleaved in slices of
+``--slice`` CPU-s; ``steps``, the same number of optimiser steps (``--steps``). One torch thread.
+Adam with the preset's peak learning rate (``optim.lr``; ``--lr`` to override) and batch size,
+the preset's gradient clip, a one-cycle schedule in budget progress, final weights for every
+model (no validation-based selection for any).
+
+Reported per model, on the test split: KL(p‖q) = E_p[log p − log q] with its standard error
+where the true density is known (eight-gaussians, the 1-D mixture), else the test NLL; steps and
+CPU seconds; for the free-form flow both the normalised ``log_prob`` (the density of what
+``sample()`` draws; rows whose solve fails are NaN and counted) and the ``paper`` variant
+(not normalised). With several seeds, ± is the standard error over seeds.
+
+Writes ``<out>/<name>.json`` (after every task, so partial results survive) and
+``<out>/<name>.md``.
+
+    python benchmarks/peer_toys.py --cpu-seconds 60 --steps 2000 --seeds 0 1 2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer_baseline import (
+    Contender,
+    TrainSettings,
+    evaluate_density,
+    exact_flow_contender,
+    fff_contender,
+    train_side_by_side,
+    zuko_contender,
+)
+
+ROOT = Path(__file__).resolve().parent
+DATASETS = ("eight-gaussians", "two-moons", "gaussian-mixture-1d")
+MODELS = ("fff", "nsf", "maf", "realnvp")
+BUDGETS = ("cpu", "steps")
+PEER = "zuko NSF"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument(
+        "--cycle",
+        nargs="*",
+        default=[],
+        metavar="LAMBDA[:data]",
+        help="extra free-form flow rows with a cycle term of this weight on latent draws, "
+        "||f(g(z)) - z||^2, or with ':data' ||g(f(g(z))) - g(z)||^2 (issue 14 item 7)",
+    )
+    p.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
+    p.add_argument("--cpu-seconds", type=float, default=60.0, help="CPU-time budget per model")
+    p.add_argument("--steps", type=int, default=2000, help="steps per model for the equal-steps budget")
+    p.add_argument("--slice", type=float, default=1.0, help="CPU seconds per turn (interleaving)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--workers", type=int, default=1, help="processes, one task (data set, seed, budget) each")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--name", default="peer_toys", help="file stem of the JSON and Markdown")
+    args = p.parse_args(argv)
+    for spec in args.cycle:
+        _parse_cycle(spec)
+    if args.cpu_seconds <= 0 or args.steps < 1 or args.slice <= 0 or args.workers < 1:
+        p.error("--cpu-seconds, --steps, --slice and --workers must be positive")
+    return args
+
+
+def _parse_cycle(spec: str) -> tuple[float, str]:
+    weight, _, space = spec.partition(":")
+    try:
+        lam = float(weight)
+    except ValueError:
+        raise SystemExit(f"--cycle: {spec!r} is not a number (optionally followed by ':data')") from None
+    if lam <= 0 or space not in ("", "latent", "data"):
+        raise SystemExit(f"--cycle: {spec!r} must be a positive weight, optionally ':data'")
+    return lam, space or "latent"
+
+
+def _cycle_name(lam: float, space: str) -> str:
+    term = "‖f(g(z))−z‖²" if space == "latent" else "‖g(f(g(z)))−g(z)‖²"
+    return f"fff + {lam:g}·{term}"
+
+
+def build_contenders(
+    dataset: str, seed: int, models: list[str], cycles: list[str]
+) -> tuple[Any, list[Contender], dict[str, Any], list[str]]:
+    """The data set (the preset's, with ``seed``), the contenders, the preset's config, and
+    notes on models skipped. Each model's initial weights come from ``torch.manual_seed(seed)``."""
+    from freeflows.experiments.config import load_config
+    from freeflows.experiments.models import build_model
+    from freeflows.runner.train import build
+
+    cfg = load_config(dataset, [f"seed={seed}"])
+    data, _ = build(cfg)
+    features = data.event_shape[0]
+    contenders: list[Contender] = []
+    skipped: list[str] = []
+
+    def fff_flow() -> Any:
+        torch.manual_seed(seed)
+        return build_model(cfg["model"], data.event_shape, None)
+
+    opts = ", ".join(f"{k}={v}" for k, v in cfg["model"]["fff"].items())
+    for kind in models:
+        torch.manual_seed(seed)
+        if kind == "fff":
+            contenders.append(fff_contender("fff", fff_flow(), note=f"preset {dataset}: {opts}"))
+        elif kind in ("nsf", "maf"):
+            contenders.append(zuko_contender(kind, features))
+        elif kind == "realnvp":
+            rcfg = load_config(dataset, [f"seed={seed}", "model.kind=realnvp"])
+            try:
+                model = build_model(rcfg["model"], data.event_shape, None)
+            except ValueError as err:
+                skipped.append(f"freeflows RealNVP: {err}")
+                continue
+            ropts = ", ".join(f"{k}={v}" for k, v in rcfg["model"]["realnvp"].items())
+            contenders.append(exact_flow_contender("freeflows RealNVP", model, note=ropts))
+    for spec in cycles:
+        lam, space = _parse_cycle(spec)
+        contenders.append(
+            fff_contender(
+                _cycle_name(lam, space), fff_flow(), lam, space, note=f"preset fff, cycle λ={lam:g}"
+            )
+        )
+    return data, contenders, cfg, skipped
+
+
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate every contender on one (data set, seed, budget)."""
+    torch.set_num_threads(1)
+    dataset, seed, budget = task["dataset"], task["seed"], task["budget"]
+    data, contenders, cfg, skipped = build_contenders(dataset, seed, task["models"], task["cycle"])
+    settings = TrainSettings(
+        lr=task["lr"] or cfg["optim"]["lr"],
+        batch_size=cfg["trainer"]["batch_size"],
+        grad_clip=cfg["optim"]["grad_clip"],
+        cpu_seconds=task["cpu_seconds"],
+        steps=task["steps"],
+        budget=budget,
+        slice_cpu_seconds=task["slice"],
+    )
+    wall = time.perf_counter()
+    trainees = train_side_by_side(contenders, data.train.x, settings, seed)
+    rows = []
+    for t in trainees:
+        c = t.contender
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "seed": seed,
+            "budget": budget,
+            "model": c.name,
+            "note": c.note,
+            "n_params": sum(p.numel() for p in c.model.parameters()),
+            "steps": t.steps,
+            "cpu_seconds": t.cpu_seconds,
+            "nonfinite_batches_skipped": t.nonfinite_total,
+            "diverged": t.diverged,
+            "final_train_loss": sum(t.last_losses) / max(1, len(t.last_losses)),
+            "densities": {
+                label: evaluate_density(d, data.test.x, data.true_log_prob)
+                for label, d in c.densities.items()
+            },
+        }
+        rows.append(row)
+        print(f"  {dataset} seed {seed} {budget}: {_row_summary(row)}", flush=True)
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "budget": budget,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "n_test": len(data.test),
+        "features": data.event_shape[0],
+        "known_density": data.true_log_prob is not None,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "grad_clip": settings.grad_clip,
+        "skipped": skipped,
+        "wall_seconds": time.perf_counter() - wall,
+        "rows": rows,
+    }
+
+
+def _primary(row: dict[str, Any]) -> tuple[str, str]:
+    """(density label, metric) that ranks a row: its first normalised density; KL if known."""
+    dens = row["densities"]
+    label = next((k for k, v in dens.items() if v["normalised"]), next(iter(dens)))
+    return label, ("kl" if "kl" in dens[label] else "nll")
+
+
+def _row_summary(row: dict[str, Any]) -> str:
+    parts = []
+    for label, d in row["densities"].items():
+        key = "kl" if "kl" in d else "nll"
+        parts.append(f"{label} {key} {d[key]:.4f}±{d[key + '_stderr']:.4f} failed {d['n_failed']}")
+    return f"{row['model']}: {row['steps']} steps, {row['cpu_seconds']:.1f} CPU-s; " + "; ".join(parts)
+
+
+# -- summary over seeds -----------------------------------------------------------------------
+def _mean_se(values: list[float], own_se: float) -> tuple[float, float]:
+    """Mean, and its standard error over seeds (with one seed: the run's own standard error)."""
+    if len(values) == 1:
+        return values[0], own_se
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+    return m, math.sqrt(var / len(values))
+
+
+def summarise(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (budget, data set, model, density): mean ± standard error over seeds."""
+    groups: dict[tuple[str, str, str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    order: list[tuple[str, str, str, str]] = []
+    for task in tasks:
+        for row in task["rows"]:
+            for label, d in row["densities"].items():
+                key = (task["budget"], task["dataset"], row["model"], label)
+                if key not in groups:
+                    groups[key] = []
+                    order.append(key)
+                groups[key].append((row, d))
+    table = []
+    for key in order:
+        entries = groups[key]
+        budget, dataset, model, label = key
+        metric = "kl" if "kl" in entries[0][1] else "nll"
+        mean, se = _mean_se([d[metric] for _, d in entries], entries[0][1][f"{metric}_stderr"])
+        table.append(
+            {
+                "budget": budget,
+                "dataset": dataset,
+                "model": model,
+                "density": label,
+                "normalised": entries[0][1]["normalised"],
+                "metric": metric,
+                "value": mean,
+                "pm": se,
+                "seeds": sorted(r["seed"] for r, _ in entries),
+                "n_failed": [d["n_failed"] for _, d in entries],
+                "n_params": entries[0][0]["n_params"],
+                "steps": sum(r["steps"] for r, _ in entries) / len(entries),
+                "cpu_seconds": sum(r["cpu_seconds"] for r, _ in entries) / len(entries),
+                "eval_cpu_seconds": sum(d["eval_cpu_seconds"] for _, d in entries) / len(entries),
+                "diverged": sum(bool(r["diverged"]) for r, _ in entries),
+            }
+        )
+    return table
+
+
+def verdict(entries: list[dict[str, Any]]) -> str:
+    """A plain sentence: which model wins (normalised densities only) and by how much, and how
+    the free-form flow's normalised density compares with the peer."""
+    ranked = [e for e in entries if e["normalised"] and math.isfinite(e["value"])]
+    if not ranked:
+        return "No model has a finite normalised density here."
+    ranked.sort(key=lambda e: e["value"])
+    best, metric = ranked[0], ("KL" if ranked[0]["metric"] == "kl" else "test NLL")
+    out = [f"{best['model']} wins ({metric} {best['value']:.4f} ± {best['pm']:.4f})"]
+    if len(ranked) > 1:
+        second = ranked[1]
+        gap = second["value"] - best["value"]
+        se = math.hypot(best["pm"], second["pm"])
+        out.append(
+            f"ahead of {second['model']} ({second['value']:.4f} ± {second['pm']:.4f}) by {gap:.4f} "
+            f"({gap / se:.1f} standard errors)"
+            if se > 0
+            else f"ahead of {second['model']} by {gap:.4f}"
+        )
+    sentence = ", ".join(out) + "."
+    fff = next((e for e in ranked if e["model"] == "fff"), None)
+    peer = next((e for e in ranked if e["model"] == PEER), None)
+    if fff and peer and fff is not best:
+        ratio = (
+            f", {fff['value'] / peer['value']:.1f}× the peer's"
+            if metric == "KL" and peer["value"] > 0
+            else ""
+        )
+        sentence += (
+            f" The free-form flow (normalised) loses to {PEER}: {fff['value']:.4f} against "
+            f"{peer['value']:.4f}, worse by {fff['value'] - peer['value']:.4f}{ratio}."
+        )
+    elif fff and peer:
+        sentence += f" The free-form flow (normalised) beats {PEER} by {peer['value'] - fff['value']:.4f}."
+    failed = [e for e in entries if e["model"].startswith("fff") and e["normalised"] and any(e["n_failed"])]
+    for e in failed:
+        sentence += f" {e['model']}: the solve failed on {sum(e['n_failed'])} test rows (over all seeds)."
+    return sentence
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    tasks = result["tasks"]
+    table = result["table"]
+    lines = [
+        "# The free-form flow against zuko's neural spline flow on toy data",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        f"torch {s['torch']}, zuko {s['zuko']}, {s['threads']} torch thread per process, "
+        f"{s['machine']}; seeds {s['seeds']}. Every model: the same data and split (the preset's, "
+        f"with the seed), the same batches, Adam with the preset's peak learning rate and batch size, "
+        f"a one-cycle schedule in budget progress, gradient-norm clip, final weights "
+        f"(no validation-based selection for any model). Equal CPU time: {s['cpu_seconds']:g} CPU-s "
+        f"of `time.process_time()` per model, interleaved in {s['slice']:g}-CPU-s turns. "
+        f"Equal steps: {s['steps']} steps per model.",
+        "",
+        "KL is KL(p‖q) = E_p[log p − log q] on the test split; NLL is the test NLL in nats. "
+        + (
+            "± is the standard error over test rows (one seed)."
+            if len(s["seeds"]) == 1
+            else "± is the standard error over seeds."
+        )
+        + " The free-form flow's `log_prob` is the normalised density of its draws (a root solve "
+        "g(z) = x from f(x); rows whose solve fails are left out and counted); its `paper` value "
+        "log p_Z(f(x)) − log|det J_g(f(x))| is **not normalised** and takes no part in the ranking.",
+        "",
+    ]
+    for budget in [b for b in BUDGETS if any(t["budget"] == b for t in tasks)]:
+        title = (
+            f"Equal CPU time ({s['cpu_seconds']:g} CPU-s per model)"
+            if budget == "cpu"
+            else f"Equal steps ({s['steps']} per model)"
+        )
+        lines += [f"## {title}", ""]
+        for dataset in [d for d in DATASETS if any(t["dataset"] == d for t in tasks)]:
+            mine = [t for t in tasks if t["budget"] == budget and t["dataset"] == dataset]
+            if not mine:
+                continue
+            entries = [e for e in table if e["budget"] == budget and e["dataset"] == dataset]
+            metric = "KL(p‖q)" if mine[0]["known_density"] else "test NLL"
+            lines += [
+                f"### {dataset} ({mine[0]['n_train']} train / {mine[0]['n_test']} test rows, "
+                f"{mine[0]['features']}-D, lr {mine[0]['lr']:g}, batch {mine[0]['batch_size']})",
+                "",
+                f"| model | density | params | steps | CPU-s | {metric} ↓ | failed test rows | eval CPU-s |",
+                "|---|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for e in entries:
+                dens = e["density"] + ("" if e["normalised"] else " (not normalised)")
+                div = f" ({e['diverged']} diverged)" if e["diverged"] else ""
+                lines.append(
+                    f"| {e['model']}{div} | {dens} | {e['n_params']:,} | {e['steps']:.0f} | "
+                    f"{e['cpu_seconds']:.1f} | {e['value']:.4f} ± {e['pm']:.4f} | "
+                    f"{'/'.join(str(n) for n in e['n_failed'])} | {e['eval_cpu_seconds']:.2f} |"
+                )
+            skipped = sorted({note for t in mine for note in t["skipped"]})
+            lines += [""]
+            if skipped:
+                lines += ["Skipped: " + "; ".join(skipped) + ".", ""]
+            lines += [verdict(entries), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import zuko
+    except ImportError:
+        print("error: zuko is not installed; pip install 'freeflows[bench]'", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    settings = {
+        "command": "python benchmarks/peer_toys.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "datasets": args.datasets,
+        "models": args.models,
+        "cycle": args.cycle,
+        "budgets": args.budgets,
+        "cpu_seconds": args.cpu_seconds,
+        "steps": args.steps,
+        "slice": args.slice,
+        "seeds": args.seeds,
+        "lr_override": args.lr,
+        "threads": 1,
+        "workers": args.workers,
+        "torch": torch.__version__,
+        "zuko": zuko.__version__,
+        "machine": f"{platform.machine()}, {mp.cpu_count()} cores (shared)",
+    }
+    jobs = [
+        {
+            "dataset": dataset,
+            "seed": seed,
+            "budget": budget,
+            "models": args.models,
+            "cycle": args.cycle,
+            "cpu_seconds": args.cpu_seconds,
+            "steps": args.steps,
+            "slice": args.slice,
+            "lr": args.lr,
+        }
+        for budget in args.budgets
+        for dataset in args.datasets
+        for seed in args.seeds
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"settings": settings, "tasks": [], "table": []}
+    t0 = time.perf_counter()
+
+    def record(task: dict[str, Any]) -> None:
+        result["tasks"].append(task)
+        result["tasks"].sort(key=lambda t: (t["budget"], DATASETS.index(t["dataset"]), t["seed"]))
+        result["table"] = summarise(result["tasks"])
+        settings["total_wall_seconds"] = time.perf_counter() - t0
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{args.name}.md").write_text(markdown(result))
+
+    if args.workers == 1:
+        for job in jobs:
+            record(run_task(job))
+    else:
+        with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+            for task in pool.imap_unordered(run_task, jobs):
+                record(task)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
