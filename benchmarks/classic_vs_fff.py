@@ -20,6 +20,14 @@ and validation cadence, and the weights with the best validation NLL are evaluat
 * two-moons: the test NLL (nats), ``±`` likewise;
 * parameters, training wall time, and sampling wall time per sample (median of 3 draws of 2000).
 
+With ``--peers nsf maf``, zuko's ``NSF`` and ``MAF`` (zuko's defaults; ``pip install
+'freeflows[bench]'``) are added as external baselines. They are not runner models, so they are
+trained by the plain loop of :mod:`peer_baseline` on the same preset split and batch size for
+the same number of steps, with Adam at the preset's learning rate, the one-cycle shape in step
+progress (without momentum cycling) and the same gradient clip, and their *final* weights are
+evaluated (no best-validation selection). The equal-CPU-time comparison with NSF, all models
+through that one loop, is ``benchmarks/peer_toys.py``.
+
 Writes ``<out>/classic_vs_fff.json`` (after every run, so partial results survive) and
 ``<out>/classic_vs_fff.md``.
 
@@ -47,6 +55,7 @@ DEFAULT_KINDS = ("fff", "planar", "nice", "realnvp", "glow", "maf", "iaf")
 ALL_KINDS = (*DEFAULT_KINDS, "cnf")
 DATASETS = ("eight-gaussians", "two-moons")
 NAME = "classic_vs_fff"
+PEERS = ("nsf", "maf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KIND:OPT=VAL,...",
         help="extra rows with changed model options, e.g. realnvp:hidden=128 (same budget otherwise)",
+    )
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        choices=PEERS,
+        help="zuko flows as external baselines (zuko's defaults, trained by peer_baseline's loop)",
     )
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (trainer.threads)")
@@ -78,6 +94,8 @@ def parse_model(spec: str) -> tuple[str, list[str]]:
 
 
 def label_of(spec: str) -> str:
+    if spec.startswith("zuko-"):
+        return f"zuko {spec.removeprefix('zuko-').upper()}"
     kind, _, options = spec.partition(":")
     return f"{kind} ({options.replace(',', ', ')})" if options else kind
 
@@ -134,6 +152,61 @@ def run_one(dataset: str, spec: str, seed: int, args: argparse.Namespace) -> dic
         "n_train": cfg["data"]["n_train"],
         **{k: metrics[k] for k in keep if k in metrics},
     }
+
+
+def run_peer(dataset: str, peer: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train zuko's ``peer`` flow on the preset's split for ``--steps`` steps (see the module
+    docstring) and evaluate it like the runner does: test NLL and KL to the truth, each with its
+    standard error over test points, and the sampling time per sample (median of 3 draws of 2000)."""
+    from freeflows.runner.train import build
+    from peer_baseline import TrainSettings, evaluate_density, train_side_by_side, zuko_contender
+
+    torch.set_num_threads(args.threads)
+    cfg = config_for(dataset, "fff", seed, args)
+    data, _ = build(cfg)
+    torch.manual_seed(seed)
+    contender = zuko_contender(peer, data.event_shape[0])
+    settings = TrainSettings(
+        lr=cfg["optim"]["lr"],
+        batch_size=cfg["trainer"]["batch_size"],
+        grad_clip=cfg["optim"]["grad_clip"],
+        steps=args.steps,
+        budget="steps",
+    )
+    t = time.perf_counter()
+    (trainee,) = train_side_by_side([contender], data.train.x, settings, seed)
+    train_seconds = time.perf_counter() - t
+    metrics = evaluate_density(contender.densities["log_prob"], data.test.x, data.true_log_prob)
+    flow = contender.model.flow
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            t = time.perf_counter()
+            flow().sample((2000,))
+            times.append((time.perf_counter() - t) / 2000)
+    row = {
+        "dataset": dataset,
+        "kind": f"zuko-{peer}",
+        "label": label_of(f"zuko-{peer}"),
+        "seed": seed,
+        "model_options": contender.note,
+        "batch_size": settings.batch_size,
+        "n_train": len(data.train),
+        "n_test": len(data.test),
+        "n_params": sum(p.numel() for p in contender.model.parameters()),
+        "steps": trainee.steps,
+        "train_seconds": train_seconds,
+        "sample_seconds_per_sample": sorted(times)[1],
+        "nonfinite_batches_skipped": trainee.nonfinite_total,
+        "test_nll": metrics["nll"],
+        "test_nll_stderr": metrics["nll_stderr"],
+        "selection": "final weights",
+    }
+    if "kl" in metrics:
+        row.update(kl_to_truth=metrics["kl"], kl_to_truth_stderr=metrics["kl_stderr"])
+        row["true_test_nll"] = metrics["true_nll"]
+    print(f"  {dataset} {row['label']} seed {seed}: {train_seconds:.0f} s wall", flush=True)
+    return row
 
 
 def _mean_pm(rows: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
@@ -198,7 +271,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"({s['n_train']} train / {s['n_test']} test points); seeds {s['seeds']}; "
         f"{s['threads']} torch thread(s), {s['machine']} (a shared, loaded machine: times are indicative).",
         "",
-        "KL is KL(p‖q) to the true eight-Gaussians density, estimated on the test points (exact log q). "
+        (
+            "zuko rows (external baselines, zuko's defaults) are trained by "
+            "`benchmarks/peer_baseline.py`'s loop with the same steps, batch, Adam learning rate, "
+            "one-cycle shape (in step progress, without momentum cycling) and clip, and their final "
+            "weights are evaluated (no best-validation selection). The comparison at equal CPU time, "
+            "every model through that one loop, is `peer_toys.md`.\n\n"
+            if s.get("peers")
+            else ""
+        )
+        + "KL is KL(p‖q) to the true eight-Gaussians density, estimated on the test points (exact log q). "
         + (
             "± is the standard error over test points (one seed)."
             if len(s["seeds"]) == 1
@@ -231,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: fff is not in --kinds; the table has no free-form flow row", file=sys.stderr)
     for spec in args.extra:
         parse_model(spec)
-    specs = [*args.kinds, *args.extra]
+    specs = [*args.kinds, *args.extra, *(f"zuko-{peer}" for peer in args.peers)]
     ref = config_for(args.datasets[0], args.kinds[0], args.seeds[0], args)
     opt, tr, data = ref["optim"], ref["trainer"], ref["data"]
     for other in args.datasets[1:]:
@@ -248,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "kinds": args.kinds,
         "extra": args.extra,
+        "peers": args.peers,
         "datasets": args.datasets,
         "threads": args.threads,
         "batch_size": tr["batch_size"],
@@ -271,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         for spec in specs:
             for seed in args.seeds:
-                runs.append(run_one(dataset, spec, seed, args))
+                if spec.startswith("zuko-"):
+                    runs.append(run_peer(dataset, spec.removeprefix("zuko-"), seed, args))
+                else:
+                    runs.append(run_one(dataset, spec, seed, args))
                 if "true_test_nll" in runs[-1]:
                     settings["true_test_nll_eight_gaussians"] = runs[-1]["true_test_nll"]
                 result["table"] = summarise(runs, specs)
