@@ -47,10 +47,18 @@ same gradient, since for any matrices :math:`A, B` and :math:`\mathbb E[vv^\top]
 
 The decoder learns only through the reconstruction term.
 
-**The density** reported by :meth:`FreeFormFlow.log_prob` is exact for the model
-:math:`x = g(z)`: :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert`, with the full
-Jacobian. The encoder-based value :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert` is also
-available; the gap between the two shows how well :math:`g` inverts :math:`f`.
+**The density.** Sampling draws :math:`x = g(z)`, :math:`z \sim p_Z`, so the density of the
+model is that of :math:`g`'s pushforward: :math:`\log q(x) = \log p_Z(z^*) -
+\log\lvert\det J_g(z^*)\rvert` where :math:`g(z^*) = x`. :meth:`FreeFormFlow.log_prob` solves
+for :math:`z^*` from :math:`f(x)` (:func:`freeflows.inversion.invert_decoder`), so its value
+integrates to one wherever :math:`g` is injective. Two other values are available by name:
+
+* ``variant="encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`, the density of
+  :math:`f^{-1}(z)`, which maximum likelihood trains; it is what refined samples follow;
+* ``variant="paper"``: :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert`, the value that
+  the free-form flow papers report. It is **not normalised** where :math:`g` does not invert
+  :math:`f`: on a trained two-moons model it integrates to about 1.08, and far more on particle
+  systems, where the excess mass lies off the data. Use it only to compare with published tables.
 
 **Sampling** is one decoder pass, :math:`g(z)`. With ``sample_refine_steps = K > 0`` each draw is
 then moved towards :math:`f^{-1}(z)` by :math:`K` steps of :func:`freeflows.inversion.invert_encoder`
@@ -60,6 +68,7 @@ maximum likelihood trains.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -69,11 +78,13 @@ from .checks import check_condition, check_data, numel
 from .conditioning import accepts_condition, call_with_condition
 from .contract import Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
-from .inversion import invert_encoder
-from .jacobian import JacobianMode, log_abs_det_jacobian
+from .inversion import DecoderInverse, decoder_tolerance, invert_decoder, invert_encoder
+from .jacobian import JacobianMode, log_abs_det, log_abs_det_jacobian, value_and_jacobian
 from .tangents import Unsupported, dual_forward
 
 SurrogateMode = Literal["jvp", "vjp"]
+DensityVariant = Literal["decoder", "encoder", "paper"]
+DENSITY_VARIANTS: tuple[str, ...] = ("decoder", "encoder", "paper")
 SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
 
 #: Upper bound on Jacobian elements held at once by ``log_prob`` (``chunk * D * D``).
@@ -140,6 +151,10 @@ class FreeFormFlow(nn.Module):
         self.jacobian_mode: JacobianMode = jacobian_mode
         self.surrogate: SurrogateMode = surrogate
         self.sample_refine_steps = sample_refine_steps
+        #: Tolerance and budget of :meth:`invert_decoder` (see :func:`freeflows.inversion.invert_decoder`).
+        self.solve_rtol: float | None = None
+        self.solve_max_jacobians = 8
+        self.solve_restarts = 1024
         self._encoder_takes_c = accepts_condition(encoder)
         self._decoder_takes_c = accepts_condition(decoder)
 
@@ -171,8 +186,9 @@ class FreeFormFlow(nn.Module):
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
         """The free-form objective of a batch (see the module docstring).
 
-        ``Loss.parts``: ``nll`` is :math:`-\\log p_Z(f(x))`, the latent term only (the surrogate is
-        not a log-determinant); ``reconstruction`` is :math:`\\lVert x - g(f(x))\\rVert^2`; both
+        ``Loss.parts``: ``latent_nll`` is :math:`-\\log p_Z(f(x))`, the latent term only (the
+        surrogate is not a log-determinant, so this is not a likelihood); ``reconstruction`` is
+        :math:`\\lVert x - g(f(x))\\rVert^2`; both
         are batch means, detached.
         """
         c = self._inputs(x, c)
@@ -194,7 +210,8 @@ class FreeFormFlow(nn.Module):
             nll = -self.latent.log_prob(z)
             reconstruction = (x - x_hat).reshape(batch, -1).square().sum(dim=1)
             value = (nll - surrogate + self.beta * reconstruction).mean()
-        return Loss(value, {"nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()})
+        parts = {"latent_nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()}
+        return Loss(value, parts)
 
     @staticmethod
     def _repeat(t: Tensor | None, k: int) -> Tensor | None:
@@ -251,33 +268,134 @@ class FreeFormFlow(nn.Module):
         surrogate = (vjg.detach() * jfv).reshape(k, batch, -1).sum(dim=(0, 2)) / k
         return z_all[:batch], x_hat_all[:batch], surrogate
 
+    @property
+    def density(self) -> DensityVariant:
+        """The variant that :meth:`log_prob` returns by default: the density of what
+        :meth:`sample` draws, ``"decoder"`` for plain decoder draws and ``"encoder"`` with
+        ``sample_refine_steps > 0``."""
+        return "decoder" if self.sample_refine_steps == 0 else "encoder"
+
+    def _chunk(self, chunk_size: int | None) -> int:
+        if chunk_size is None:
+            return max(1, JACOBIAN_ELEMENTS // numel(self.event_shape) ** 2)
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        return chunk_size
+
+    def _decoder_value_and_jacobian(self, chunk: int):
+        def fn(z: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+            return value_and_jacobian(
+                self.decode, z, c, mode=self.jacobian_mode, chunk_size=chunk,
+                module=self.decoder, takes_c=self._decoder_takes_c,
+            )
+
+        return fn
+
+    def invert_decoder(
+        self, x: Tensor, c: Tensor | None = None, *, chunk_size: int | None = None
+    ) -> DecoderInverse:
+        r"""Solve :math:`g(z) = x` for each row (:func:`freeflows.inversion.invert_decoder` with
+        ``solve_rtol`` and ``solve_max_jacobians``). The solve starts at :math:`f(x)`; rows that
+        do not converge from there start again from the best of ``solve_restarts`` latent draws
+        :math:`z_j \sim p_Z` (the one whose :math:`g(z_j)` is nearest to :math:`x`; the draws
+        come from a fixed seed, so the result is deterministic). ``converged`` says which rows
+        are within the tolerance."""
+        c = self._inputs(x, c)
+        vj = self._decoder_value_and_jacobian(self._chunk(chunk_size))
+        basis = getattr(self.latent, "basis", None)
+        x = x.detach()
+
+        def solve(x_: Tensor, z0: Tensor, c_: Tensor | None) -> DecoderInverse:
+            return invert_decoder(
+                vj, self.decode, x_, z0, c_, basis=basis, rtol=self.solve_rtol,
+                max_jacobians=self.solve_max_jacobians,
+            )
+
+        with torch.no_grad():
+            out = solve(x, self.encode(x, c), c)
+            failed = (~out.converged).nonzero().flatten()
+            if failed.numel() == 0 or self.solve_restarts == 0:
+                return out
+            xf, cf = x[failed], None if c is None else c[failed]
+            retry = solve(xf, self._nearest_draws(xf, cf), cf)
+            better = retry.converged | (~out.converged[failed] & (retry.residual < out.residual[failed]))
+            rows = failed[better]
+            for mine, theirs in zip(out, retry, strict=True):
+                mine[rows] = theirs[better]
+            return out
+
+    def _nearest_draws(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """For each row, the latent draw (of ``solve_restarts``, fixed seed) whose decoding is
+        nearest to ``x`` (under each row's own condition when conditional)."""
+        m = self.solve_restarts
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        draws = self.latent.sample(m, generator=gen).to(x)
+        flat = x.reshape(x.shape[0], -1)
+        if c is None:
+            images = self.decode(draws).reshape(m, -1)
+            best = torch.cat([torch.cdist(part, images).argmin(dim=1) for part in flat.split(4096)])
+            return draws[best]
+        starts = []
+        per = max(1, 2**20 // m)
+        for i in range(0, x.shape[0], per):
+            xi, ci = flat[i : i + per], c[i : i + per]
+            tiled = draws.repeat(xi.shape[0], *([1] * (draws.dim() - 1)))
+            images = self.decode(tiled, ci.repeat_interleave(m, 0))
+            dist = (images.reshape(xi.shape[0], m, -1) - xi.unsqueeze(1)).norm(dim=2)
+            starts.append(draws[dist.argmin(dim=1)])
+        return torch.cat(starts)
+
     def log_prob(
         self,
         x: Tensor,
         c: Tensor | None = None,
         *,
-        variant: Literal["decoder", "encoder"] = "decoder",
+        variant: DensityVariant | None = None,
         chunk_size: int | None = None,
     ) -> Tensor:
-        r"""Exact log-density ``[B]``.
+        r"""Log-density ``[B]`` (nats).
 
-        ``variant="decoder"`` (default): :math:`\log p_Z(z) - \log\lvert\det J_g(z)\rvert`, the
-        density of samples :math:`g(z)`, :math:`z \sim p_Z`, evaluated at :math:`z = f(x)`.
-        ``variant="encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`.
+        ``variant`` (default :attr:`density`, the distribution that :meth:`sample` draws from):
 
-        Jacobians are built by :func:`freeflows.jacobian.batch_jacobian` with ``jacobian_mode``
-        (``"auto"``: one structured forward pass with ``D`` tangents for ``ResNet``-like
-        networks, else ``vmap(jacrev)``), in chunks of ``chunk_size`` rows (by default as many as
-        keep ``chunk * D * D`` below ``2**24``); the result does not depend on it.
+        * ``"decoder"``: the exact density of :math:`g(z)`, :math:`z \sim p_Z`:
+          :math:`\log p_Z(z^*) - \log\lvert\det J_g(z^*)\rvert` with :math:`g(z^*) = x`,
+          solved from :math:`f(x)` by :meth:`invert_decoder`. Rows where the solve does not
+          converge get **NaN** and a :class:`RuntimeWarning`; no value is guessed. Where
+          :math:`g` is not injective, the pushforward density at :math:`x` is the sum over all
+          preimages, and this returns the term of the one found: a lower bound, so the density
+          then integrates to less than one (``density_mass`` in the tool shows it). With
+          gradients enabled, :math:`z^*` is differentiated implicitly (one Newton step with
+          autograd at the root), so the value is differentiable in ``x`` and the parameters.
+        * ``"encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`, the density of
+          :math:`f^{-1}(z)` and of refined draws; normalised only where :math:`f` is injective,
+          which training does not enforce away from the data (a briefly trained two-moons
+          model's encoder density integrated to 2.2).
+        * ``"paper"``: :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert`, the free-form
+          flow papers' value. **Not normalised**: it equals the ``"decoder"`` value only where
+          :math:`g(f(x)) = x`. For comparison with published tables only.
+
+        Jacobians are built by :func:`freeflows.jacobian.batch_jacobian` with ``jacobian_mode``,
+        in chunks of ``chunk_size`` rows (by default as many as keep ``chunk * D * D`` below
+        ``2**24``); the result does not depend on it.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow(ff.ResNet(2), ff.ResNet(2), ff.StandardNormal(2))
+            >>> x = torch.randn(5, 2)
+            >>> flow.log_prob(x).shape
+            torch.Size([5])
         """
         c = self._inputs(x, c)
-        if variant not in ("decoder", "encoder"):
-            raise ValueError(f"unknown log_prob variant {variant!r}; choose 'decoder' or 'encoder'")
-        if chunk_size is None:
-            chunk_size = max(1, JACOBIAN_ELEMENTS // numel(self.event_shape) ** 2)
+        variant = self.density if variant is None else variant
+        if variant not in DENSITY_VARIANTS:
+            choices = ", ".join(DENSITY_VARIANTS)
+            raise ValueError(f"unknown log_prob variant {variant!r}; choose one of {choices}")
+        chunk = self._chunk(chunk_size)
         basis = getattr(self.latent, "basis", None)
-        z = self.encode(x, c)
         if variant == "decoder":
+            return self._decoder_log_prob(x, c, chunk)
+        z = self.encode(x, c)
+        if variant == "paper":
             fn, net, inp, takes_c, sign = self.decode, self.decoder, z, self._decoder_takes_c, -1.0
         else:
             fn, net, inp, takes_c, sign = self.encode, self.encoder, x, self._encoder_takes_c, 1.0
@@ -287,24 +405,64 @@ class FreeFormFlow(nn.Module):
             c,
             basis=basis,
             mode=self.jacobian_mode,
-            chunk_size=chunk_size,
+            chunk_size=chunk,
             module=net,
             takes_c=takes_c,
         )
         return self.latent.log_prob(z) + log_det
 
+    def _decoder_log_prob(self, x: Tensor, c: Tensor | None, chunk: int) -> Tensor:
+        basis = getattr(self.latent, "basis", None)
+        solve = self.invert_decoder(x, c, chunk_size=chunk)
+        grads = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.decoder.parameters())
+        )
+        if not grads:
+            log_prob = self.latent.log_prob(solve.z) - log_abs_det(solve.jacobian)
+        else:
+            # Implicit differentiation: z* - J^{-1}(g(z*) - x) has the value z* and, at the root,
+            # the derivative dz*/d(x, theta) = J^{-1}(dx - dg/dtheta).
+            z_star = solve.z.detach()
+            r = (self.decode(z_star, c) - x).reshape(x.shape[0], -1)
+            jac = torch.nan_to_num(solve.jacobian.detach())
+            ok = torch.linalg.lu_factor_ex(jac).info == 0
+            eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+            jac = torch.where(ok[:, None, None], jac, eye)
+            if basis is None:
+                step = torch.linalg.solve(jac, r)
+            else:
+                q = basis.to(r)
+                step = torch.linalg.solve(jac, r @ q) @ q.T
+            z = z_star - step.reshape(x.shape)
+            log_det = log_abs_det_jacobian(
+                self.decode, z, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk,
+                module=self.decoder, takes_c=self._decoder_takes_c,
+            )
+            log_prob = self.latent.log_prob(z) - log_det
+        failed = ~solve.converged
+        if bool(failed.any()):
+            warnings.warn(
+                f"{int(failed.sum())} of {x.shape[0]} rows: the solve g(z) = x did not converge "
+                "(the point may lie outside the decoder's range); their log_prob is NaN",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            log_prob = torch.where(failed, torch.full_like(log_prob, float("nan")), log_prob)
+        return log_prob
+
     def diagnostics(
         self, x: Tensor, c: Tensor | None = None, log_prob: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Batch means of the reconstruction error and of the gap between the encoder- and
-        decoder-based log-densities (``log_prob_gap``). A growing gap means ``beta`` is too small.
-        Pass the decoder-based ``log_prob`` if it is already computed."""
+        """Batch means of the reconstruction error and of the gap between the encoder-based
+        log-density and ``log_prob`` (the model's own density, ``log_prob_gap``; rows whose solve
+        failed are left out). A growing gap means ``beta`` is too small. Pass ``log_prob`` if it
+        is already computed."""
         c = self._inputs(x, c)
         reconstruction = (x - self.decode(self.encode(x, c), c)).reshape(x.shape[0], -1).square().sum(1)
         if log_prob is None:
             log_prob = self.log_prob(x, c)
         gap = (self.log_prob(x, c, variant="encoder") - log_prob).abs()
-        return {"reconstruction": reconstruction.mean().detach(), "log_prob_gap": gap.mean().detach()}
+        return {"reconstruction": reconstruction.mean().detach(), "log_prob_gap": gap.nanmean().detach()}
 
     @property
     def divergence_hint(self) -> str:
@@ -315,18 +473,65 @@ class FreeFormFlow(nn.Module):
             "surrogate gradient needs"
         )
 
-    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass), each refined towards
-        :math:`f^{-1}(z)` by ``sample_refine_steps`` steps of
-        :func:`~freeflows.inversion.invert_encoder` if that is positive. With ``c`` of shape
-        ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""
-        if not isinstance(n, int) or n < 1:
+    def _latent_draws(self, n: int, c: Tensor | None, generator: torch.Generator | None):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         c = check_condition(c, self.condition_dim, n)
         z = self.latent.sample(n, generator=generator)
         if c is not None:
             z = z.to(c)
+        return z, c
+
+    def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Like :meth:`sample` with ``sample_refine_steps = 0``, with gradients to the decoder's
+        parameters (a reparametrised draw :math:`g(z)`). Refined draws are not reparametrised."""
+        if self.sample_refine_steps:
+            raise ValueError(
+                "rsample draws g(z) without refinement; set sample_refine_steps = 0 to use it"
+            )
+        z, c = self._latent_draws(n, c, generator)
+        return self.decode(z, c)
+
+    @torch.no_grad()
+    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass), each refined towards
+        :math:`f^{-1}(z)` by ``sample_refine_steps`` steps of
+        :func:`~freeflows.inversion.invert_encoder` if that is positive. With ``c`` of shape
+        ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row.
+        No gradients (see :meth:`rsample`)."""
+        z, c = self._latent_draws(n, c, generator)
         if self.sample_refine_steps == 0:
             return self.decode(z, c)
         x, _ = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
         return x
+
+    @torch.no_grad()
+    def sample_and_log_prob(
+        self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``n`` draws as :meth:`sample` and the exact log-density ``[n]`` of each under the
+        distribution that drew it, without a root solve.
+
+        * Decoder draws: :math:`\log p_Z(z) - \log\lvert\det J_g(z)\rvert` at the drawn
+          :math:`z` (the pushforward density where :math:`g` is injective).
+        * Refined draws (``sample_refine_steps > 0``): the ``"encoder"`` density at the draw;
+          draws whose refinement did not reach :math:`f(x) = z` within the tolerance of
+          :func:`~freeflows.inversion.decoder_tolerance` get NaN and a warning.
+        """
+        z, c = self._latent_draws(n, c, generator)
+        basis = getattr(self.latent, "basis", None)
+        if self.sample_refine_steps == 0:
+            x, jac = self._decoder_value_and_jacobian(self._chunk(None))(z, c)
+            return x, self.latent.log_prob(z) - log_abs_det(jac, basis)
+        x, residual = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
+        log_q = self.log_prob(x, c, variant="encoder")
+        failed = ~(residual <= decoder_tolerance(z, self.solve_rtol))
+        if bool(failed.any()):
+            warnings.warn(
+                f"{int(failed.sum())} of {n} refined draws did not reach f(x) = z within the "
+                "tolerance; their log-density is NaN (raise sample_refine_steps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            log_q = torch.where(failed, torch.full_like(log_q, float("nan")), log_q)
+        return x, log_q

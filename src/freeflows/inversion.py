@@ -16,11 +16,20 @@ one decoder pass per step. Each sample has its own step size :math:`\alpha \le 1
 a step that lowers the residual :math:`\lVert f(x) - z\rVert` is taken and doubles
 :math:`\alpha` (up to 1); one that does not is rejected and halves it. So every sample keeps its
 best iterate, and one that overshoots retries with a shorter step instead of stopping.
+
+**Inverting the decoder** (:func:`invert_decoder`) solves :math:`g(z) = x` for :math:`z`, which
+the exact density of the decoder's draws needs: :math:`\log q(x) = \log p_Z(z^*) -
+\log\lvert\det J_g(z^*)\rvert` at :math:`g(z^*) = x`. It starts at :math:`z_0 = f(x)` and takes
+damped Newton steps :math:`z \leftarrow z - \alpha\, J^{-1}(g(z) - x)`. The Jacobian is
+refactorised only when the residual stops shrinking fast (a chord method), so a point near the
+data, where :math:`z_0` is already close, costs about two Jacobians: one at :math:`z_0` and the
+one at :math:`z^*` that the log-determinant needs anyway, which also confirms convergence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,3 +87,147 @@ def invert_encoder(
         residual = torch.where(better, r_new, residual)
         alpha = torch.where(better, (2 * alpha).clamp(max=1.0), alpha / 2)
     return x, residual
+
+
+class DecoderInverse(NamedTuple):
+    """Result of :func:`invert_decoder`, one entry per row."""
+
+    z: Tensor
+    """The best iterate :math:`z`, ``[B, *event]``."""
+    jacobian: Tensor
+    """:math:`J_g` at ``z``, ``[B, D, D]`` (reduced to the subspace, ``[B, m, m]``, with a basis)."""
+    residual: Tensor
+    r""":math:`\lVert g(z) - x\rVert`, ``[B]``."""
+    converged: Tensor
+    """Whether ``residual`` is within the tolerance, ``[B]`` (bool)."""
+
+
+def decoder_tolerance(x: Tensor, rtol: float | None = None) -> Tensor:
+    r"""Per-row tolerance :math:`r (1 + \lVert x\rVert)` of :func:`invert_decoder`, with
+    :math:`r` = ``rtol``, by default ``1e-4`` in float32 and ``1e-9`` in float64."""
+    if rtol is None:
+        rtol = 1e-9 if x.dtype == torch.float64 else 1e-4
+    return rtol * (1 + _norms(x))
+
+
+@torch.no_grad()
+def invert_decoder(
+    value_and_jacobian: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+    decode: Net,
+    x: Tensor,
+    z0: Tensor,
+    c: Tensor | None = None,
+    *,
+    basis: Tensor | None = None,
+    rtol: float | None = None,
+    max_jacobians: int = 8,
+    chord_steps: int = 8,
+) -> DecoderInverse:
+    r"""Solve :math:`g(z) = x` for :math:`z`, starting from ``z0`` (see the module docstring).
+
+    Each round computes :math:`J_g` at the current iterate (``value_and_jacobian``) and then
+    takes up to ``chord_steps`` steps :math:`z \leftarrow z - lpha J^{-1}(g(z) - x)` with that
+    Jacobian, each a single decoder pass; a step is kept only if it lowers the residual
+    :math:`\lVert g(z) - x
+Vert` (else :math:`lpha` halves, at most 10 times). A round ends
+    when a row's residual is below a hundredth of the tolerance, stops improving, or shrinks by
+    less than half per step.
+    Rows stop at ``max_jacobians`` Jacobians. With an orthonormal ``basis``
+    :math:`Q \in \mathbb R^{D	imes m}` (a latent on a subspace), steps stay in that subspace:
+    :math:`\delta = Q\,(Q^	op J Q)^{-1} Q^	op (g(z) - x)`.
+
+    Args:
+        value_and_jacobian: ``(z, c) -> (g(z), J_g(z))`` with ``J`` of shape ``[B, D, D]``.
+        decode: ``(z, c) -> g(z)``.
+        x: the points ``[B, *event]``.
+        z0: starting points, usually :math:`f(x)`.
+        c: conditions ``[B, C]`` or ``None``.
+        basis: orthonormal basis ``[D, m]`` of the latent's subspace, or ``None``.
+        rtol: tolerance of :func:`decoder_tolerance`.
+        max_jacobians: Jacobians per row at most (the last one is at the returned ``z``).
+        chord_steps: decoder passes per Jacobian at most.
+
+    Returns:
+        :class:`DecoderInverse`; ``jacobian`` is always evaluated at the returned ``z``.
+
+    Example:
+        >>> import torch
+        >>> g = lambda z, c=None: z + 0.3 * torch.tanh(z)
+        >>> vj = lambda z, c=None: (g(z), torch.diag_embed(1 + 0.3 / torch.cosh(z) ** 2))
+        >>> x = torch.tensor([[0.5, -2.0]])
+        >>> out = invert_decoder(vj, g, x, x.clone())
+        >>> bool(out.converged.all()), bool(torch.allclose(g(out.z), x, atol=1e-5))
+        (True, True)
+    """
+    if not isinstance(max_jacobians, int) or max_jacobians < 1:
+        raise ValueError(f"max_jacobians must be a positive integer, got {max_jacobians!r}")
+    if not isinstance(chord_steps, int) or chord_steps < 0:
+        raise ValueError(f"chord_steps must be an integer >= 0, got {chord_steps!r}")
+    batch, event = x.shape[0], x.shape[1:]
+    tol = decoder_tolerance(x, rtol)
+    q = None if basis is None else basis.to(x)
+    z = z0.clone()
+    size = x[0].numel() if q is None else q.shape[1]
+    jac_out = x.new_full((batch, size, size), float("nan"))
+    residual = x.new_full((batch,), float("inf"))
+    converged = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    active = torch.arange(batch, device=x.device)
+    for round_ in range(max_jacobians):
+        ca = None if c is None else c[active]
+        value, jac = value_and_jacobian(z[active], ca)
+        if q is not None:
+            jac = q.T @ jac @ q
+        r = (value - x[active]).reshape(active.numel(), -1)
+        res = r.norm(dim=1)
+        jac_out[active] = jac
+        residual[active] = res
+        done = res <= tol[active]
+        converged[active] = done
+        keep = ~done & torch.isfinite(res)
+        if round_ == max_jacobians - 1 or not bool(keep.any()):
+            break
+        active, jac, r, res = active[keep], jac[keep], r[keep], res[keep]
+        ca = None if c is None else c[active]
+        lu, pivots, info = torch.linalg.lu_factor_ex(jac)
+        usable = info == 0
+        if not bool(usable.all()):  # a singular Jacobian: these rows stop here
+            active, lu, pivots, r, res = active[usable], lu[usable], pivots[usable], r[usable], res[usable]
+            ca = None if c is None else c[active]
+        if active.numel() == 0:
+            break
+        za = z[active].reshape(active.numel(), -1)
+        tol_a = tol[active]
+        xa = x[active]
+        # Chord steps on a shrinking set of rows: a row leaves when it is far below the
+        # tolerance, stops improving, or converges slowly (then it needs a fresh Jacobian).
+        run = torch.arange(active.numel(), device=x.device)
+        for _ in range(chord_steps):
+            rhs = r[run] if q is None else r[run] @ q
+            delta = torch.linalg.lu_solve(lu[run], pivots[run], rhs.unsqueeze(-1)).squeeze(-1)
+            if q is not None:
+                delta = delta @ q.T
+            z_run, res_run = za[run], res[run]
+            c_run = None if ca is None else ca[run]
+            alpha = torch.ones_like(res_run)
+            pending = torch.arange(run.numel(), device=x.device)
+            for _ in range(11):  # backtracking: alpha = 1, 1/2, ..., 1/1024
+                trial = z_run[pending] - alpha[pending].unsqueeze(1) * delta[pending]
+                c_p = None if c_run is None else c_run[pending]
+                g_trial = decode(trial.reshape(-1, *event), c_p)
+                r_trial = (g_trial - xa[run[pending]]).reshape(pending.numel(), -1)
+                res_trial = r_trial.norm(dim=1)
+                ok = res_trial < res_run[pending]  # NaN never counts as better
+                rows = run[pending[ok]]
+                za[rows], r[rows], res[rows] = trial[ok], r_trial[ok], res_trial[ok]
+                pending = pending[~ok]
+                if pending.numel() == 0:
+                    break
+                alpha[pending] = alpha[pending] / 2
+            improved = torch.ones(run.numel(), dtype=torch.bool, device=x.device)
+            improved[pending] = False
+            go_on = improved & (res[run] <= 0.5 * res_run) & (res[run] > 1e-2 * tol_a[run])
+            run = run[go_on]
+            if run.numel() == 0:
+                break
+        z[active] = za.reshape(-1, *event)
+    return DecoderInverse(z, jac_out, residual, converged)

@@ -116,3 +116,34 @@ def log_abs_det_jacobian(
     in :func:`batch_jacobian`)."""
     jac = batch_jacobian(fn, x, c, mode=mode, chunk_size=chunk_size, module=module, takes_c=takes_c)
     return log_abs_det(jac, basis)
+
+
+def value_and_jacobian(
+    fn: Callable[..., Tensor],
+    x: Tensor,
+    c: Tensor | None = None,
+    *,
+    mode: JacobianMode = "auto",
+    chunk_size: int | None = None,
+    module: nn.Module | None = None,
+    takes_c: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``(fn(x), J)``: the batched function's value ``[B, *event]`` and its per-row Jacobians
+    ``[B, D, D]`` (arguments as in :func:`batch_jacobian`). For the networks that
+    :mod:`freeflows.tangents` knows, one structured forward pass gives both."""
+    if mode == "auto" and module is not None:
+        try:
+            step = x.shape[0] if chunk_size is None else chunk_size
+            values, jacs = [], []
+            for i in range(0, x.shape[0], step):
+                xi = x[i : i + step]
+                value, jac = tangents.value_and_jacobian(
+                    module, xi, None if c is None else c[i : i + step], takes_c
+                )
+                values.append(value)
+                jacs.append(jac)
+            return torch.cat(values), torch.cat(jacs)
+        except tangents.Unsupported:
+            pass
+    value = fn(x) if c is None else fn(x, c)
+    return value, batch_jacobian(fn, x, c, mode=mode, chunk_size=chunk_size, module=module, takes_c=takes_c)

@@ -147,11 +147,20 @@ def dual_forward(net: nn.Module, x: Tensor, t: Tensor, c: Tensor | None = None, 
     return y, ty
 
 
-def jacobian(net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Tensor:
-    """Per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by one structured forward pass with the
-    ``D`` basis vectors as tangents; raises :class:`Unsupported` for other networks."""
+def value_and_jacobian(
+    net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``(net(x), J)``: the value and the per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by
+    one structured forward pass with the ``D`` basis vectors as tangents; raises
+    :class:`Unsupported` for other networks."""
     batch, event = x.shape[0], tuple(x.shape[1:])
     dim = x[0].numel()
     basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(dim, *event)
-    _, cols = dual_forward(net, x, basis.expand(batch, dim, *event), c, takes_c)
-    return cols.reshape(batch, dim, -1).transpose(1, 2)
+    value, cols = dual_forward(net, x, basis.expand(batch, dim, *event), c, takes_c)
+    return value, cols.reshape(batch, dim, -1).transpose(1, 2)
+
+
+def jacobian(net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Tensor:
+    """Per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by one structured forward pass with the
+    ``D`` basis vectors as tangents; raises :class:`Unsupported` for other networks."""
+    return value_and_jacobian(net, x, c, takes_c)[1]
