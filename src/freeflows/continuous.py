@@ -444,6 +444,24 @@ class CNF(nn.Module):
     def _dynamics(self, direction: Literal["density", "transform", "sample"], **settings) -> Dynamics:
         return Dynamics(self.velocity, self._state_shape, self._takes_c, self.counter, direction, **settings)
 
+    def _density_dynamics(
+        self, h: Tensor, c: Tensor | None, trace: TraceMode, generator: torch.Generator | None
+    ) -> Dynamics:
+        """The density ODE's right-hand side for flat states ``h``: the exact trace (projected on
+        the latent's subspace) or one Hutchinson probe per row."""
+        basis, m = self._subspace()
+        basis = None if basis is None else basis.to(h)
+        settings: dict = {"trace": trace, "condition": c, "chunk_size": self.chunk_size}
+        if trace == "exact":
+            settings["projector"] = None if basis is None else basis @ basis.T
+        else:
+            probe = hutchinson_vectors(
+                1, h.shape[0], m, self.hutchinson, basis=basis, device=h.device, dtype=h.dtype,
+                generator=generator,
+            )
+            settings["probe"] = probe[0]
+        return self._dynamics("density", **settings)
+
     def integrate(
         self,
         x: Tensor,
@@ -466,17 +484,7 @@ class CNF(nn.Module):
         if self.augment_dims:
             a = torch.randn(batch, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
             h = torch.cat([h, a], dim=1)
-        basis, m = self._subspace()
-        basis = None if basis is None else basis.to(h)
-        settings: dict = {"trace": trace, "condition": c, "chunk_size": self.chunk_size}
-        if trace == "exact":
-            settings["projector"] = None if basis is None else basis @ basis.T
-        else:
-            probe = hutchinson_vectors(
-                1, batch, m, self.hutchinson, basis=basis, device=h.device, dtype=h.dtype, generator=generator
-            )
-            settings["probe"] = probe[0]
-        dynamics = self._dynamics("density", **settings)
+        dynamics = self._density_dynamics(h, c, trace, generator)
         zeros = h.new_zeros(batch)
         before = self.counter.forward
         z, ell, kinetic, jacobian = self._solve(dynamics, (h, zeros, zeros, zeros), 0.0, self.t1, tolerances)
@@ -559,10 +567,9 @@ class CNF(nn.Module):
         }
         return Loss(value, parts)
 
-    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws: :math:`z \\sim p_Z` (and :math:`a \\sim \\mathcal N(0, I_k)`), integrated
-        from :math:`t_1` back to 0 (augmented coordinates dropped). With ``c`` of shape ``[C]``
-        all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row."""
+    def _latent_draws(
+        self, n: int, c: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         c = check_condition(c, self.condition_dim, n)
@@ -573,8 +580,42 @@ class CNF(nn.Module):
         if self.augment_dims:
             a = torch.randn(n, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
             h = torch.cat([h, a], dim=1)
+        return h, c
+
+    def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Like :meth:`sample`, with gradients to the parameters through the ODE solve."""
+        h, c = self._latent_draws(n, c, generator)
         x = self._solve(self._dynamics("sample", condition=c), h, self.t1, 0.0)
         return x[:, : self.dim].reshape(n, *self.event_shape)
+
+    @torch.no_grad()
+    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws: :math:`z \\sim p_Z` (and :math:`a \\sim \\mathcal N(0, I_k)`), integrated
+        from :math:`t_1` back to 0 (augmented coordinates dropped). With ``c`` of shape ``[C]``
+        all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row. No
+        gradients (see :meth:`rsample`)."""
+        return self.rsample(n, c, generator)
+
+    @torch.no_grad()
+    def sample_and_log_prob(
+        self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``n`` draws and their log-density ``[n]`` from one solve: the density ODE is
+        integrated from :math:`(z, 0)` at :math:`t_1` back to 0, which gives
+        :math:`\ell(0) = -\int_0^{t_1} \operatorname{tr} \partial_x f\, dt` and
+        :math:`\log q(x) = \log p_Z(z) - \ell(0)`, with the model's trace (exact by default;
+        ``trace="hutchinson"`` makes it an unbiased estimate). Not available with augmented
+        dimensions, whose marginal density has no closed form."""
+        if self.augment_dims:
+            raise ValueError(
+                "sample_and_log_prob needs augment_dims = 0: the marginal density of augmented "
+                "draws is not available in closed form (log_prob gives a lower-bound estimate)"
+            )
+        h, c = self._latent_draws(n, c, generator)
+        dynamics = self._density_dynamics(h, c, self.trace, generator)
+        zeros = h.new_zeros(n)
+        x, ell, _, _ = self._solve(dynamics, (h, zeros, zeros, zeros), self.t1, 0.0)
+        return x.reshape(n, *self.event_shape), self._latent_log_prob(h) - ell
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """The flow map data to latent, :math:`z = x(t_1)`, shaped like ``x`` (no density)."""

@@ -1,9 +1,15 @@
 r"""The one model contract that every density model in freeflows follows.
 
-Every model is a :class:`torch.nn.Module` with three methods:
+Every model is a :class:`torch.nn.Module` with these methods:
 
-* ``log_prob(x, c=None) -> Tensor[B]``: the exact log-density (nats) of each row of ``x``;
-* ``sample(n, c=None) -> Tensor[n, *event]``: draws from the model;
+* ``log_prob(x, c=None) -> Tensor[B]``: the log-density (nats) of each row of ``x`` under the
+  distribution that ``sample`` draws from; it integrates to one. A value that is not normalised
+  (the free-form papers' formula) is only ever returned under its own name
+  (``FreeFormFlow.log_prob(x, variant="paper")``);
+* ``sample(n, c=None) -> Tensor[n, *event]``: draws from the model, never with a graph;
+  ``rsample`` gives reparametrised draws with gradients;
+* ``sample_and_log_prob(n, c=None) -> (Tensor[n, *event], Tensor[n])``: draws and the exact
+  log-density of each under the distribution that drew it (for importance weights);
 * ``loss(x, c=None) -> Loss``: the training objective of a batch.
 
 Direction convention, stated once for the whole library: **forward maps data to latent**
@@ -40,5 +46,7 @@ class DensityModel(Protocol):
     def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor: ...
 
     def sample(self, n: int, c: Tensor | None = None) -> Tensor: ...
+
+    def sample_and_log_prob(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss: ...

@@ -109,6 +109,15 @@ class Flow(nn.Module):
         :math:`p(x \\mid c)`; with ``[n, C]``, one draw per row. No gradients (see :meth:`rsample`)."""
         return self.rsample(n, c, generator)
 
+    @torch.no_grad()
+    def sample_and_log_prob(
+        self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` draws as :meth:`sample` and their exact log-density ``[n]`` (the draws are mapped
+        back through ``forward``, so this costs one pass in each direction)."""
+        x = self.rsample(n, c, generator)
+        return x, self.log_prob(x, c)
+
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
         """Maximum likelihood: ``value`` is the mean negative log-likelihood of the batch, and
         ``parts["nll"]`` its detached copy."""
