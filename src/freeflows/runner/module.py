@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -147,14 +148,19 @@ class FlowModule(L.LightningModule):
         x, c = unpack(batch)
         extra = {}
         try:
-            with torch.enable_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # A free-form flow's log_prob is NaN where its root solve fails; counted below.
+                warnings.simplefilter("ignore", RuntimeWarning)
                 log_prob = self.model.log_prob(x, c).detach()
                 if hasattr(self.model, "diagnostics"):
                     extra = self.model.diagnostics(x, c, log_prob=log_prob)
         except NumericalError as err:  # an infinite val/nll never becomes the best checkpoint
             rank_zero_warn(f"validation at step {self.global_step}: {err}")
             log_prob, extra = torch.full((x.shape[0],), -math.inf, device=x.device), {}
-        self.log("val/nll", -log_prob.mean(), prog_bar=True, sync_dist=True)
+        unsolved = torch.isnan(log_prob)
+        extra = {**extra, "unsolved": unsolved.float().mean()}
+        nll = -log_prob.nanmean() if not bool(unsolved.all()) else log_prob.new_tensor(math.inf)
+        self.log("val/nll", nll, prog_bar=True, sync_dist=True)
         for key, value in extra.items():
             self.log(f"val/{key}", value, sync_dist=True)
 
