@@ -3,7 +3,7 @@
 The estimator is checked on densities of known mass (a Gaussian, the same Gaussian scaled by 0.7,
 a mean-free Gaussian on a subspace), then used to check that every exact flow and the CNF, with
 random non-trivial weights, integrate to one. Statistical checks allow 4 standard errors (a false
-alarm rate of about 6e-5 per check) plus ``FLOOR``, the float32 rounding of the summed values.
+alarm rate of about 6e-5 per check) plus ``FLOOR`` for the float32 rounding of the densities.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from freeflows.eval import GaussianMixtureProposal, MassEstimate, combine_masses
 from freeflows.nets.velocity import TimeMLP
 
 K = 4.0
-FLOOR = 1e-5
+FLOOR = 1e-6  # float32 rounding of the evaluated densities (measured below 2e-7 here)
 
 
 @pytest.fixture(autouse=True)

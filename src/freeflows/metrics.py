@@ -1,37 +1,170 @@
 r"""Test metrics of a trained model on a data set (tool layer; torch only).
 
-For particle systems (``data.kind == "particles"``, with ``data.meta["energy"]``) the metrics
-also judge the model as a Boltzmann generator (see :func:`particle_metrics`): the effective
-sample size of importance weights :math:`\exp(-E(x) - \log q(x))` of the model's own samples,
-and their energies against the data's. Everything uses only the model contract
-(``log_prob``/``sample``), never the model's class.
+Everything uses only the model contract (``log_prob``, ``sample``, ``sample_and_log_prob``),
+never the model's class. :func:`evaluate_model` returns the dictionary that a run writes to
+``metrics.json``:
+
+* ``test_nll``, ``test_nll_stderr``: negative log-likelihood of the test split under
+  ``log_prob``, the density of what the model samples. Rows where it is NaN (a free-form flow's
+  solve :math:`g(z) = x` that did not converge) are left out and counted in
+  ``test_nll_unsolved``.
+* ``density_mass``, ``density_mass_stderr``, ``density_mass_method``: :math:`\int q`, the mass
+  of ``log_prob`` (1 for a normalised density), by quadrature (≤ 2-D) or importance sampling
+  (:func:`freeflows.eval.mass.density_mass`); ``density_mass_unsolved`` of the
+  ``density_mass_evaluations`` points had a NaN density and counted as zero. For a conditional
+  model, the mean over ``density_mass_conditions`` test conditions.
+* For a model whose ``log_prob`` takes ``variant`` (the free-form flow): ``test_nll_encoder``,
+  and the free-form paper's value ``test_nll_paper`` (**not normalised**) with its mass
+  ``density_mass_paper`` and the normalised ``test_nll_paper_normalised``
+  :math:`= \mathrm{NLL} + \log M`, whose error combines both.
+* ``kl_to_truth`` (when the data's density is known), and ``kl_to_truth_paper`` /
+  ``kl_to_truth_paper_normalised`` for the paper variant.
+* For particle systems (``data.kind == "particles"``, with ``data.meta["energy"]``) the model
+  is also judged as a Boltzmann generator (:func:`particle_metrics`): the effective sample size
+  of importance weights :math:`\exp(-E(x) - \log q(x))` of the model's own draws, with
+  :math:`\log q` the density of the distribution that drew them (``sample_and_log_prob``), and
+  their energies against the data's.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .data.base import DataSet, Split
+from .eval.mass import DEFAULT_DRAWS, DEFAULT_NODES, MassEstimate, combine_masses, density_mass
 
 #: For particle data, rows per ``log_prob`` batch times the event size is at most this.
 PARTICLE_ELEMENTS = 4096
 
+#: Test conditions at which a conditional model's mass is estimated, and model draws per
+#: condition that place the quadrature box or fit the importance proposal.
+MASS_CONDITIONS = 4
+MASS_FIT_DRAWS = 1000
 
-def batched_log_prob(model: nn.Module, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    """Exact ``log_prob`` of every row of a split, in batches, under ``torch.no_grad`` (as in
+
+def batched_log_prob(model: nn.Module, split: Split, batch_size: int = 1000, **kwargs: Any) -> torch.Tensor:
+    """``log_prob`` of every row of a split, in batches, under ``torch.no_grad`` (as in
     validation): no graph back to the parameters is kept, which for a CNF with the exact trace is
-    the difference between megabytes and gigabytes."""
+    the difference between megabytes and gigabytes. Keywords (e.g. ``variant``) go to
+    ``log_prob``."""
     out = []
     with torch.no_grad():
         for i in range(0, len(split), batch_size):
             x = split.x[i : i + batch_size]
             c = None if split.c is None else split.c[i : i + batch_size]
-            out.append(model.log_prob(x, c).detach())
+            out.append(model.log_prob(x, c, **kwargs).detach())
     return torch.cat(out)
+
+
+def takes_variant(model: nn.Module, split: Split) -> bool:
+    """Whether ``model.log_prob`` takes ``variant`` (the free-form flow's density variants): named
+    in its signature, or accepted through ``**kwargs`` by a wrapper (tried on one row)."""
+    try:
+        params = inspect.signature(model.log_prob).parameters
+    except (TypeError, ValueError):
+        return False
+    if "variant" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    try:
+        batched_log_prob(model, Split(split.x[:1], None if split.c is None else split.c[:1]), variant="paper")
+    except TypeError:
+        return False
+    return True
+
+
+def nll_summary(log_q: Tensor) -> tuple[float, float, int]:
+    r"""Mean and standard error of :math:`-\log q` over the rows that are not NaN, and how many
+    are NaN (unsolved)."""
+    solved = ~torch.isnan(log_q)
+    kept = log_q[solved].double()
+    if kept.numel() == 0:
+        return math.nan, math.nan, int(log_q.numel())
+    stderr = float(kept.std() / kept.numel() ** 0.5) if kept.numel() > 1 else math.nan
+    return float(-kept.mean()), stderr, int((~solved).sum())
+
+
+def _mass_budget(evaluations: int | None, dim: int, conditions: int) -> int:
+    """``log_prob`` evaluations per condition: the total (``None``: the method's default) split
+    evenly over the conditions."""
+    if evaluations is None:
+        evaluations = DEFAULT_NODES[dim] ** dim if dim <= 2 else DEFAULT_DRAWS
+    return max(evaluations // conditions, 9 if dim <= 2 else 2)
+
+
+def model_density_mass(
+    model: nn.Module,
+    test: Split,
+    *,
+    variant: str | None = None,
+    evaluations: int | None = None,
+    conditions: int = MASS_CONDITIONS,
+    batch_size: int = 1000,
+    seed: int = 0,
+) -> MassEstimate:
+    r""":func:`~freeflows.eval.mass.density_mass` of ``model.log_prob`` (of its ``variant`` if
+    given), in the latent's subspace when the latent has a ``basis``.
+
+    Unconditional: the box or proposal covers the test split. Conditional: the mean over the
+    first ``conditions`` test conditions :math:`c_j` of the mass of :math:`q(\cdot \mid c_j)`,
+    each with a box or proposal placed by ``MASS_FIT_DRAWS`` model draws at :math:`c_j` (the
+    test split's :math:`x` are draws from other conditions), the importance proposal mixed with a
+    Gaussian fitted to the test split. ``evaluations`` is the total budget (``None``: 201 × 201
+    nodes in 2-D, 2001 in 1-D, 4000 draws above), split over the conditions. Warnings of
+    unconverged solves are silenced: those points are counted in ``unsolved``.
+    """
+    kwargs = {} if variant is None else {"variant": variant}
+    basis = getattr(getattr(model, "latent", None), "basis", None)
+    dim = basis.shape[1] if basis is not None else int(test.x[0].numel())
+    options = {"basis": basis, "batch_size": batch_size}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if test.c is None:
+            budget = _mass_budget(evaluations, dim, 1)
+            return density_mass(
+                lambda x: model.log_prob(x, **kwargs), test.x, evaluations=budget, seed=seed, **options
+            )
+        estimates = []
+        k = min(conditions, len(test))
+        for j in range(k):
+            c = test.c[j]
+            with torch.no_grad(), _seeded(seed + j):
+                draws = model.sample(MASS_FIT_DRAWS, c)
+            finite = draws.reshape(draws.shape[0], -1).isfinite().all(dim=1)
+            fit = draws[finite] if int(finite.sum()) >= 2 else test.x
+
+            def log_prob(x: Tensor, c: Tensor = c) -> Tensor:
+                return model.log_prob(x, c.expand(x.shape[0], *c.shape), **kwargs)
+
+            budget = _mass_budget(evaluations, dim, k)
+            estimates.append(
+                density_mass(log_prob, fit, evaluations=budget, extra=test.x, seed=seed + j, **options)
+            )
+        return combine_masses(estimates)
+
+
+class _seeded:
+    """Seed the global RNG for a block and restore its state afterwards (``sample`` draws from
+    the global generator in the model contract)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.random.set_rng_state(self.state)
 
 
 def sampling_seconds_per_sample(
@@ -56,6 +189,15 @@ def nll_dimensions(model: nn.Module, data: DataSet) -> int:
     return int(torch.Size(data.event_shape).numel())
 
 
+def _draws_and_log_q(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+    """``model.sample_and_log_prob(n)``: draws and the density of the distribution that drew them."""
+    draw: Callable[..., tuple[Tensor, Tensor]] | None = getattr(model, "sample_and_log_prob", None)
+    if draw is None:  # transition: a model without the method yet
+        x = model.sample(n)
+        return x, model.log_prob(x)
+    return draw(n)
+
+
 def particle_metrics(
     model: nn.Module, data: DataSet, n_samples: int = 2000, batch_size: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -63,7 +205,9 @@ def particle_metrics(
     target energy :math:`E` at temperature 1):
 
     * ``ess``: normalised effective sample size :math:`(\sum w)^2 / (n \sum w^2) \in [1/n, 1]` of
-      :math:`\log w = -E(x) - \log q(x)`, with the exact ``log_prob`` of the samples. Samples whose
+      :math:`\log w = -E(x) - \log q(x)`, with :math:`\log q` from ``sample_and_log_prob``: the
+      exact density of the distribution that drew each sample (for a free-form decoder draw
+      :math:`x = g(z)`, the density at the drawn :math:`z`, not ``log_prob(x)``). Samples whose
       log-weight is NaN or :math:`+\infty` (non-finite sample, energy or density) are dropped and
       counted in ``ess_dropped``; an infinite energy is a zero weight and is kept. ``ess`` is
       ``None`` when no weight is usable.
@@ -74,16 +218,13 @@ def particle_metrics(
     from .particle_metrics import effective_sample_size, log_importance_weights
 
     energy = data.meta["energy"]
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        with torch.no_grad():
-            samples = torch.cat(
-                [model.sample(min(batch_size, n_samples - i)) for i in range(0, n_samples, batch_size)]
-            )
-    finally:
-        torch.random.set_rng_state(gen_state)
-    log_q = batched_log_prob(model, Split(samples), batch_size)
+    samples, log_qs = [], []
+    with torch.no_grad(), _seeded(seed):
+        for i in range(0, n_samples, batch_size):
+            x, log_q = _draws_and_log_q(model, min(batch_size, n_samples - i))
+            samples.append(x.detach())
+            log_qs.append(log_q.detach())
+    samples, log_q = torch.cat(samples), torch.cat(log_qs)
     with torch.no_grad():
         e_model = energy(samples.double())
         e_data = energy(data.test.x.double())
@@ -104,19 +245,43 @@ def particle_metrics(
     return out
 
 
+def _mass_metrics(estimate: MassEstimate, suffix: str = "") -> dict[str, Any]:
+    key = f"density_mass{suffix}"
+    return {
+        key: estimate.mass,
+        f"{key}_stderr": estimate.stderr,
+        f"{key}_method": estimate.method,
+        f"{key}_evaluations": estimate.n,
+        f"{key}_unsolved": estimate.unsolved,
+    }
+
+
 def evaluate_model(
     model: nn.Module,
     data: DataSet,
     batch_size: int = 1000,
     particle_samples: int = 2000,
     test_rows: int | None = None,
+    mass_samples: int | None = None,
+    mass_conditions: int = MASS_CONDITIONS,
 ) -> dict[str, Any]:
-    """Test NLL (exact), diagnostics, KL to the truth when the density is known, parameter count
-    and sampling time; for particle data also :func:`particle_metrics` on ``particle_samples``
-    draws. ``nll_dims`` is the dimension of the space in which the NLL is a density (for a
-    mean-free latent, the :math:`(N-1)d`-dimensional zero-centre-of-mass subspace).
-    For particle data, ``log_prob`` batches hold at most ``PARTICLE_ELEMENTS // D`` rows.
-    ``test_rows`` evaluates only the first rows of the test split (``n_test`` says how many)."""
+    """Test NLL, density mass, diagnostics, KL to the truth when the density is known, parameter
+    count and sampling time; for particle data also :func:`particle_metrics` on
+    ``particle_samples`` draws (the keys are listed in the module docstring). ``nll_dims`` is the
+    dimension of the space in which the NLL is a density (for a mean-free latent, the
+    :math:`(N-1)d`-dimensional zero-centre-of-mass subspace).
+
+    Args:
+        model: any density model of the contract.
+        data: the data set; its test split is evaluated.
+        batch_size: rows per ``log_prob`` call (for particle data at most
+            ``PARTICLE_ELEMENTS // D``).
+        particle_samples: draws for :func:`particle_metrics` (0: none).
+        test_rows: evaluate only the first rows of the test split (``n_test`` says how many).
+        mass_samples: ``log_prob`` evaluations per mass estimate (:func:`model_density_mass`);
+            ``None``: 201 × 201 nodes in 2-D, 2001 in 1-D, 4000 importance draws above; 0: no mass.
+        mass_conditions: test conditions averaged over for a conditional model's mass.
+    """
     model.eval()
     if data.kind == "particles":
         # Exact densities of equivariant nets hold [rows * D, N, N, hidden] tensors: bound memory.
@@ -125,13 +290,42 @@ def evaluate_model(
     if test_rows is not None and test_rows < len(test):
         test = Split(test.x[:test_rows], None if test.c is None else test.c[:test_rows])
     log_q = batched_log_prob(model, test, batch_size)
+    nll, nll_stderr, unsolved = nll_summary(log_q)
     metrics: dict[str, Any] = {
-        "test_nll": float(-log_q.mean()),
-        "test_nll_stderr": float(log_q.std() / len(log_q) ** 0.5),
+        "test_nll": nll,
+        "test_nll_stderr": nll_stderr,
+        "test_nll_unsolved": unsolved,
         "n_test": len(test),
         "nll_dims": nll_dimensions(model, data),
         "n_params": sum(p.numel() for p in model.parameters()),
     }
+    variants = takes_variant(model, test)
+    log_q_paper, mass_paper = None, None
+    if variants:
+        log_q_paper = batched_log_prob(model, test, batch_size, variant="paper")
+        nll_paper, stderr_paper, _ = nll_summary(log_q_paper)
+        nll_encoder, stderr_encoder, _ = nll_summary(
+            batched_log_prob(model, test, batch_size, variant="encoder")
+        )
+        metrics.update(
+            test_nll_encoder=nll_encoder,
+            test_nll_encoder_stderr=stderr_encoder,
+            test_nll_paper=nll_paper,
+            test_nll_paper_stderr=stderr_paper,
+        )
+    if mass_samples is None or mass_samples > 0:
+        settings = {"evaluations": mass_samples, "conditions": mass_conditions, "batch_size": batch_size}
+        mass = model_density_mass(model, test, **settings)
+        metrics.update(_mass_metrics(mass))
+        if test.c is not None:
+            metrics["density_mass_conditions"] = min(mass_conditions, len(test))
+        if variants:
+            mass_paper = model_density_mass(model, test, variant="paper", **settings)
+            metrics.update(_mass_metrics(mass_paper, "_paper"))
+            metrics["test_nll_paper_normalised"] = metrics["test_nll_paper"] + mass_paper.log_mass
+            metrics["test_nll_paper_normalised_stderr"] = math.hypot(
+                metrics["test_nll_paper_stderr"], mass_paper.log_mass_stderr
+            )
     if hasattr(model, "diagnostics"):
         sums: dict[str, float] = {}
         for i in range(0, len(test), batch_size):
@@ -144,12 +338,25 @@ def evaluate_model(
         metrics.update({f"test_{k}": v / len(test) for k, v in sums.items()})
     if data.true_log_prob is not None:
         log_p = data.true_log_prob(test.x, test.c).double()
-        diff = log_p - log_q.double()
-        metrics["kl_to_truth"] = float(diff.mean())
-        metrics["kl_to_truth_stderr"] = float(diff.std() / len(diff) ** 0.5)
+        metrics.update(_kl(log_p, log_q))
         metrics["true_test_nll"] = float(-log_p.mean())
+        if log_q_paper is not None:
+            metrics.update(_kl(log_p, log_q_paper, "_paper"))
+            if mass_paper is not None:
+                metrics["kl_to_truth_paper_normalised"] = metrics["kl_to_truth_paper"] + mass_paper.log_mass
+                metrics["kl_to_truth_paper_normalised_stderr"] = math.hypot(
+                    metrics["kl_to_truth_paper_stderr"], mass_paper.log_mass_stderr
+                )
     c0 = None if test.c is None else test.c[0]
     metrics["sample_seconds_per_sample"] = sampling_seconds_per_sample(model, 2000, c0)
     if data.kind == "particles" and "energy" in data.meta and particle_samples > 0:
         metrics.update(particle_metrics(model, data, particle_samples, batch_size))
     return metrics
+
+
+def _kl(log_p: Tensor, log_q: Tensor, suffix: str = "") -> dict[str, float]:
+    r""":math:`\mathrm{KL}(p \,\|\, q) \approx \operatorname{mean}(\log p - \log q)` over the test rows
+    (draws of :math:`p`) where :math:`\log q` is not NaN, and its standard error."""
+    diff = (log_p - log_q.double())[~torch.isnan(log_q)]
+    stderr = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else math.nan
+    return {f"kl_to_truth{suffix}": float(diff.mean()), f"kl_to_truth{suffix}_stderr": stderr}

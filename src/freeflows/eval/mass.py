@@ -21,10 +21,10 @@ reported as ``stderr``, is the sum of two parts, both from the same evaluations:
   trapezoid rule on the half-resolution grid). For a smooth density the error of :math:`M_h`
   is much smaller than this difference (:math:`\tfrac13` of it when the error is
   :math:`O(h^2)`);
-* truncation: the mass outside the box, extrapolated geometrically from the masses of two shells
-  between the data's range and the box (:func:`quadrature_mass`). This bounds the mass outside
-  when the tails decay at least geometrically (log-concave tails do), not for arbitrarily heavy
-  tails; it is infinite when the outer shell holds as much mass as the inner one.
+* truncation: the mass outside the box, extrapolated geometrically from the masses of two thin
+  shells at the box's edge (:func:`quadrature_mass`). This bounds the mass outside when the
+  tails decay at least geometrically (log-concave tails do), not for arbitrarily heavy tails; it
+  is infinite when the outer shell holds as much mass as the inner one.
 
 **Importance sampling** (:math:`m > 2`, :func:`importance_mass`). Draws :math:`y_k \sim r`
 from a proposal that covers the data: by default a mixture of Gaussians fitted to the data's
@@ -62,6 +62,9 @@ LOG_TWO_PI = math.log(2 * math.pi)
 #: Default log_prob evaluations: trapezoid nodes in 1-D, nodes per axis in 2-D, draws above.
 DEFAULT_NODES = {1: 2001, 2: 201}
 DEFAULT_DRAWS = 4000
+#: Width of the two shells at the box's edge that the tail estimate compares, as a fraction of
+#: the margin between the data's range and the box.
+SHELL = 0.2
 
 
 @dataclass(frozen=True)
@@ -216,11 +219,13 @@ def quadrature_mass(
         The fine-grid estimate :math:`M_h`, with the error estimate ``resolution + tail``:
 
         * resolution :math:`\lvert M_h - M_{2h}\rvert` (every other node dropped);
-        * tail: with :math:`s_0` the mass between the core and the box halfway to ``[lo, hi]``,
-          and :math:`s_1` the mass between that box and ``[lo, hi]``, the geometric
-          extrapolation :math:`s_1\,r/(1-r)`, :math:`r = s_1/s_0`, of the mass outside. It is an
-          upper bound when shell masses keep shrinking at least by the factor :math:`r` (as for
-          log-concave tails), and infinite when :math:`r \ge 1` (the box does not hold the mass).
+        * tail: with :math:`s_0, s_1` the masses of the two shells of width ``SHELL`` (a fraction
+          of the way from the core to ``[lo, hi]``) at the box's edge, inner and outer, the
+          geometric extrapolation :math:`s_1\,r/(1-r)`, :math:`r = s_1/s_0`, of the mass outside.
+          It is an upper bound when shell masses keep shrinking at least by the factor :math:`r`
+          further out (as for log-concave tails) and infinite when :math:`r \ge 1` (the box does
+          not hold the mass); tails that decay ever more slowly (a mixture of scales, as in
+          coupling flows with random weights) can exceed it by a few times.
 
         A feature narrower than the node spacing can fall between all nodes and be missed by
         both grids; the default 201 nodes per axis over the data's range plus 3 standard
@@ -264,11 +269,15 @@ def quadrature_mass(
     coarse = integrate(f[::2, ::2] if m == 2 else f[::2], [a[::2] for a in axes])
     tail = 0.0
     if core is not None:
-        mid = (
-            [(a + c) / 2 for a, c in zip(lo, core[0], strict=True)],
-            [(b + c) / 2 for b, c in zip(hi, core[1], strict=True)],
-        )
-        in_core, in_mid = within(*core), within(*mid)
+
+        def towards(t: float) -> tuple[list[float], list[float]]:
+            """The box a fraction ``t`` of the way from the core to ``[lo, hi]``."""
+            return (
+                [c + t * (a - c) for a, c in zip(lo, core[0], strict=True)],
+                [c + t * (b - c) for b, c in zip(hi, core[1], strict=True)],
+            )
+
+        in_core, in_mid = within(*towards(1 - 2 * SHELL)), within(*towards(1 - SHELL))
         s0, s1 = max(in_mid - in_core, 0.0), max(fine - in_mid, 0.0)
         if s1 <= 1e-12 * max(fine, 1e-300):
             tail = s1
