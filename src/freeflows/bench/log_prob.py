@@ -1,7 +1,10 @@
-"""Exact log-density throughput of a free-form flow: vmap(jacfwd) vs vmap(jacrev) vs a naive loop.
+"""Decoder-Jacobian throughput of a free-form flow: vmap(jacfwd) vs vmap(jacrev) vs a naive loop.
 
-``FreeFormFlow.log_prob`` (decoder variant: one encoder pass, the full decoder Jacobian per row,
-slogdet) with ``jacobian_mode="auto"`` (one structured forward pass with D tangents,
+``FreeFormFlow.log_prob(variant="paper")`` (one encoder pass, the full decoder Jacobian per row,
+slogdet; the building block of every free-form density, measured on random weights where a root
+solve would not be meaningful; the normalised density's cost relative to it is measured on
+trained models by ``benchmarks/density_cost.py``) with ``jacobian_mode="auto"`` (one structured
+forward pass with D tangents,
 :mod:`freeflows.tangents`), ``"forward"`` (chunked ``vmap(jacfwd)``) and ``"reverse"`` (chunked
 ``vmap(jacrev)``), all under ``torch.no_grad()``; the naive baseline builds the same Jacobian row
 by row with ``D`` backward passes through the decoder. ``auto+grad`` is ``"auto"`` with autograd
@@ -86,7 +89,7 @@ def variants(dim: int, batch: int) -> dict[str, Any]:
         def fn() -> Tensor:
             model.jacobian_mode = m
             with torch.set_grad_enabled(grad):
-                return model.log_prob(x)
+                return model.log_prob(x, variant="paper")
 
         return fn
 
