@@ -1,4 +1,5 @@
-"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``presets``, ``sbi``, ``bench``.
+"""The ``freeflows`` command: ``train``, ``sample``, ``evaluate``, ``log-prob``, ``presets``, ``sbi``,
+``bench``.
 
 A user's mistake (unknown preset, bad ``--set``, missing run directory, corrupt checkpoint, bad
 data) ends in one line on stderr and exit status 2, never a traceback.
@@ -27,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set model.fff.beta=100 (repeatable)",
     )
     t.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    t.add_argument(
+        "--data",
+        metavar="PATH",
+        help="train on your own .npy, .npz or .csv file (with the preset's model; default preset two-moons)",
+    )
+    t.add_argument(
+        "--condition-columns", metavar="A,B", help="with a .csv --data file: the columns that are conditions"
+    )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--seed", type=int, help="shortcut for --set seed=N")
     t.add_argument("--devices", type=int, help="processes/devices (trainer.devices)")
@@ -45,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="recompute the test metrics of a trained run")
     e.add_argument("run_dir")
     e.add_argument("--no-plots", action="store_true")
+
+    lp = sub.add_parser("log-prob", help="log-density of every row of a .npy, .npz or .csv file under a run")
+    lp.add_argument("run_dir")
+    lp.add_argument("file", help="rows to score; conditions from an .npz array c or .csv condition columns")
+    lp.add_argument("-o", "--output", default="log_prob.npy", help="output .npy file (one value per row)")
+    lp.add_argument("--condition-columns", metavar="A,B", help="condition columns of a .csv file")
+    lp.add_argument("--batch-size", type=int, default=1000, help="rows per log_prob call (default 1000)")
 
     sub.add_parser("presets", help="list the presets")
 
@@ -101,8 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The preset whose model and trainer settings ``train --data PATH`` uses when none is given.
+DATA_PRESET = "two-moons"
+
+
 def _train(args: argparse.Namespace) -> int:
     from .experiments.config import load_config
+    from .experiments.datasets import resolve_file_data
     from .runner.train import new_run_dir, train
 
     overrides = list(args.overrides)
@@ -117,18 +138,29 @@ def _train(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    data_section = None
+    if args.config and Path(args.config).suffix.lower() in (".npy", ".npz", ".csv") and not args.data:
+        args.config, args.data = None, args.config  # `freeflows train my.npy` means --data my.npy
+    if args.data or args.condition_columns:
+        if args.resume:
+            raise ValueError("--data and --condition-columns do not go with --resume: the run keeps its data")
+        if not args.data:
+            raise ValueError("--condition-columns needs --data PATH (a .csv file)")
+        options = {"path": args.data, "condition_columns": args.condition_columns}
+        data_section = {"name": "file", "options": options}
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
         cfg = load_config(str(run_dir / "config.yaml"), overrides)
     else:
-        if not args.config:
+        if not args.config and not args.data:
             raise ValueError(
-                "give a preset or YAML config to train (see `freeflows presets`), or --resume RUN_DIR"
+                "give a preset or YAML config to train (see `freeflows presets`), --data PATH, "
+                "or --resume RUN_DIR"
             )
-        cfg = load_config(args.config, overrides)
-        run_dir = new_run_dir(args.config, args.out)
+        cfg = resolve_file_data(load_config(args.config or DATA_PRESET, overrides, data_section))
+        run_dir = new_run_dir(args.data or args.config, args.out)
     out = train(cfg, run_dir, resume=bool(args.resume))
     if out is None:  # a DDP worker process
         return 0
@@ -177,6 +209,38 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(Path(args.run_dir), plot=not args.no_plots)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _log_prob(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data.base import Split
+    from .data.user import read_rows_for
+    from .metrics import batched_log_prob
+    from .runner.train import load_run
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    _, data, model = load_run(Path(args.run_dir))
+    x, c = read_rows_for(data, args.file, args.condition_columns)
+    log_q = batched_log_prob(model, Split(x, c), args.batch_size)
+    out = Path(args.output)
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")  # where np.save writes
+    try:
+        np.save(out, log_q.numpy())
+    except OSError as err:
+        raise ValueError(f"cannot write {out}: {err.strerror or err}") from None
+    print(f"wrote the log-density (nats, in the file's units) of {len(log_q)} rows of {args.file} to {out}")
+    n_nan = int(torch.isnan(log_q).sum())
+    if n_nan:
+        print(
+            f"freeflows: warning: {n_nan} of {len(log_q)} rows have no log-density (NaN in {out}): the "
+            "model could not compute it there (a free-form flow's density solve did not converge)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -251,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _train,
         "sample": _sample,
         "evaluate": _evaluate,
+        "log-prob": _log_prob,
         "presets": _presets,
         "sbi": _sbi,
         "bench": _bench,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -37,6 +37,9 @@ class DataSet:
             (``fn(x, c=None) -> [N]``), so that KL to the truth can be reported.
         kind: ``"vector"``, ``"particles"`` or ``"image"``; tells plots and metrics what to draw.
         meta: anything else a metric or plot needs (for example ``n_particles``, ``energy``).
+        wrap_model: applied by the runner to every model built for this data set, for example
+            :class:`~freeflows.data.standardize.StandardizedModel` for a user's file, whose splits
+            stay in the file's units while the model learns standardised values.
     """
 
     name: str
@@ -48,6 +51,7 @@ class DataSet:
     true_log_prob: Callable[..., Tensor] | None = None
     kind: str = "vector"
     meta: dict[str, Any] = field(default_factory=dict)
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
 
 
 def split_by_seed(

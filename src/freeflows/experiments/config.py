@@ -86,6 +86,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dic
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, f"{path}.")
+        elif key == "options" and isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = {**out[key], **value}  # free-form: --set data.options.a=1 keeps the others
         else:
             out[key] = _check_type(path, base[key], value)
     return out
@@ -115,9 +117,19 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     return value
 
 
-def load_config(preset_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Resolve a preset name or a YAML path, apply ``key=value`` overrides, and validate."""
+def load_config(
+    preset_or_path: str, overrides: list[str] | None = None, data_section: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Resolve a preset name or a YAML path, apply ``key=value`` overrides, and validate.
+
+    ``data_section`` (e.g. ``{"name": "file", "options": {...}}`` for a user's file) replaces the
+    preset's ``data.name`` and ``data.options`` before the overrides are applied."""
     path = Path(preset_or_path)
+    if path.suffix.lower() in (".npy", ".npz", ".csv"):
+        raise ConfigError(
+            f"{preset_or_path!r} is a data file, not a config; train on it with "
+            f"`freeflows train --data {preset_or_path} [preset]`"
+        )
     if preset_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {preset_or_path!r} does not exist")
@@ -136,6 +148,8 @@ def load_config(preset_or_path: str, overrides: list[str] | None = None) -> dict
     if not isinstance(data, dict):
         raise ConfigError(f"{preset_or_path!r} must hold a mapping of config sections")
     cfg = _merge(default_config(), data)
+    if data_section is not None:
+        cfg["data"] = {**cfg["data"], "options": {}, **data_section}
     return apply_overrides(cfg, overrides or [])
 
 

@@ -48,6 +48,8 @@ def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
     data = build_data(cfg["data"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], data.event_shape, data.condition_dim, meta=data.meta)
+    if data.wrap_model is not None:  # e.g. a user's file: the model learns standardised values
+        model = data.wrap_model(model)
     return data, model
 
 
