@@ -43,6 +43,10 @@ def test_unknown_preset_in_a_subprocess_has_no_traceback():
         (["train", "tiny", "--set", "trainer.max_epochs=0"], "trainer.max_epochs must be an integer >= 1"),
         (["train", "tiny", "--set", "optim.lr"], "--set expects key=value"),
         (["train", "tiny", "--set", "data.name=mnist"], "unknown data set 'mnist'"),
+        (["train", "tiny", "--set", "trainer.batch_size=4096"], "exceeds the 2048 training points"),
+        (["train", "tiny", "--threads", "0"], "--threads must be >= 1"),
+        (["train", "tiny", "--set", "trainer.threads=0"], "trainer.threads must be an integer >= 1"),
+        (["train", "tiny", "--set", "trainer.checkpoint_every_steps=0"], "every_steps must be >= 1"),
         (["sample", "/nonexistent/run"], "does not exist"),
         (["evaluate", "/nonexistent/run"], "does not exist"),
         (["train", "--resume", "/nonexistent/run"], "not a run directory"),
@@ -53,6 +57,74 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, args, needle):
         args = [*args, "--out", str(tmp_path / "r")]
     line = _one_line_error(capsys, main(args))
     assert needle in line
+    assert not (tmp_path / "r").exists(), "a config that fails validation must leave no run directory"
+
+
+@pytest.mark.parametrize(
+    "text,needle", [("", "is empty"), ("# only a comment\n", "is empty"), ("- a\n- b\n", "not a list")]
+)
+def test_an_empty_or_non_mapping_config_file_is_an_error(capsys, tmp_path, text, needle):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    line = _one_line_error(capsys, main(["train", str(path), "--out", str(tmp_path / "r")]))
+    assert needle in line and "config.yaml" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_float64_data_for_a_float32_model_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    import freeflows.runner.train as runner
+
+    real = runner.build_data
+
+    def float64_data(*args, **kwargs):
+        data = real(*args, **kwargs)
+        for split in (data.train, data.val, data.test):
+            split.x = split.x.double()
+        return data
+
+    monkeypatch.setattr(runner, "build_data", float64_data)
+    line = _one_line_error(capsys, main(["train", "tiny", "--out", str(tmp_path / "r"), *TINY]))
+    assert "has float64 values but the model is float32" in line
+    assert not (tmp_path / "r").exists()
+
+
+NO_TOOL = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    for name in ("lightning", "matplotlib", "yaml", "tqdm"):
+        sys.modules[name] = None  # as if the [tool] extra were not installed
+    from freeflows.cli import main
+    commands = [["train", "tiny"], ["sample", "run"], ["evaluate", "run"], ["log-prob", "run", "x.npy"],
+                ["presets"], ["sbi", "--task", "two_moons", "--budget", "100"], ["bench", "sampling"]]
+    results = []
+    for argv in commands:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+        results.append([argv[0], code, err.getvalue()])
+    print(json.dumps(results))
+    """
+)
+
+
+def test_without_the_tool_extra_every_command_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NO_TOOL], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == 7
+    for command, code, err in results:
+        assert code == 2, (command, err)
+        assert err.count("\n") == 1 and 'pip install "freeflows[tool]"' in err, (command, err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_tty_progress_bar_is_one_bar_over_all_steps(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("freeflows.runner.progress._isatty", lambda stream: True)
+    cfg = load_config("tiny", ["trainer.plot=false", "trainer.max_steps=24", "trainer.progress_bar=true"])
+    train(cfg, tmp_path / "r")
+    err = capsys.readouterr().err
+    assert "24/24" in err and "Epoch" not in err
+    assert "\n" not in err.rstrip("\n"), "one bar, redrawn in place, for the whole run"
 
 
 def test_cli_end_to_end_and_corrupt_checkpoint(capsys, tmp_path):
@@ -72,9 +144,19 @@ def test_cli_end_to_end_and_corrupt_checkpoint(capsys, tmp_path):
     samples = np.load(out)
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
 
+    # the free-form flow's latent term is not the NLL, and the logged name says so
+    names = {row.split(",")[1] for row in (run / "metrics.csv").read_text().splitlines()[1:]}
+    assert {"loss", "train/latent_nll", "train/reconstruction", "val/nll"} <= names
+    assert "train/nll" not in names
+
+    # evaluate recomputes the test metrics and keeps metrics.json's other keys
+    (run / "metrics.json").write_text(json.dumps({**metrics, "my_note": "kept", "test_nll": 99.0}))
     assert main(["evaluate", str(run), "--no-plots"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["test_nll"] == pytest.approx(metrics["test_nll"], abs=1e-5)
+    kept = json.loads((run / "metrics.json").read_text())
+    assert kept["my_note"] == "kept" and kept["n_params"] == metrics["n_params"]
+    assert kept["test_nll"] == pytest.approx(metrics["test_nll"], abs=1e-5)
 
     # a corrupt checkpoint is one clear line, and nothing is overwritten
     for name in ("best.ckpt", "last.ckpt"):

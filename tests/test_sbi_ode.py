@@ -106,6 +106,7 @@ def test_sir_posterior_of_our_likelihood_is_sbibms_reference_posterior():
     deviations, has the mean (within 0.1 SD) and standard deviations (within 10 %) of sbibm's
     10,000 reference samples, for each observation."""
     pytest.importorskip("scipy")
+    pytest.importorskip("sbibm")  # the prior and the reference posterior are sbibm's
     from freeflows.data.sbi import get_task, reference_posterior
 
     prior = get_task("sir").get_prior_dist()

@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", help="Lightning strategy, e.g. ddp (trainer.strategy)")
     t.add_argument("--num-nodes", type=int, help="number of nodes (trainer.num_nodes)")
     t.add_argument("--accelerator", help="cpu, gpu or auto (trainer.accelerator)")
-    t.add_argument("--threads", type=int, help="torch CPU threads per process (trainer.threads)")
+    t.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per process, >= 1 (trainer.threads; default: torch's choice, all cores)",
+    )
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
@@ -124,10 +128,12 @@ DATA_PRESET = "two-moons"
 def _train(args: argparse.Namespace) -> int:
     from .experiments.config import load_config
     from .experiments.datasets import resolve_file_data
-    from .runner.train import new_run_dir, train
+    from .runner.train import interrupted_message, new_run_dir, train
 
     overrides = list(args.overrides)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (leave it out for torch's default), got {args.threads}")
         overrides.append(f"trainer.threads={args.threads}")
     for flag, key in (
         ("seed", "seed"),
@@ -161,7 +167,11 @@ def _train(args: argparse.Namespace) -> int:
             )
         cfg = resolve_file_data(load_config(args.config or DATA_PRESET, overrides, data_section))
         run_dir = new_run_dir(args.data or args.config, args.out)
-    out = train(cfg, run_dir, resume=bool(args.resume))
+    try:
+        out = train(cfg, run_dir, resume=bool(args.resume))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (building data, final evaluation)
+        print(f"freeflows: {interrupted_message(run_dir)}", file=sys.stderr)
+        return 130
     if out is None:  # a DDP worker process
         return 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -306,10 +316,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: top-level modules of the optional extras, and the extra that installs each
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("lightning", "matplotlib", "yaml", "tqdm", "torchdiffeq"), "tool"),
+    **dict.fromkeys(("sbibm", "sbi", "sklearn", "scipy", "elfi", "future", "pyro"), "sbi"),
+}
+
+
+def _missing_extra(err: ImportError) -> int:
+    """One line naming the extra to install for a missing module (exit 2), also when the
+    ``ModuleNotFoundError`` is the cause of another ``ImportError``; re-raise any other error."""
+    missing = err if isinstance(err, ModuleNotFoundError) else err.__cause__
+    module = (getattr(missing, "name", None) or "").split(".")[0]
+    if not isinstance(missing, ModuleNotFoundError) or module not in EXTRA_OF_MODULE:
+        raise err
+    extra = EXTRA_OF_MODULE[module]
+    print(
+        f'freeflows: error: this command needs the [{extra}] extra (module {module!r} is missing): '
+        f'pip install "freeflows[{extra}]"',
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .contract import NumericalError
-    from .runner.callbacks import CheckpointError, DivergenceError
+    try:
+        from .contract import NumericalError
+        from .runner.callbacks import CheckpointError, DivergenceError, TrainingInterrupted
+        from .runner.train import interrupted_message
+    except ModuleNotFoundError as err:
+        return _missing_extra(err)
 
     handlers = {
         "train": _train,
@@ -322,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except TrainingInterrupted as err:  # SIGINT/SIGTERM: last.ckpt was written on the way out
+        print(f"freeflows: {interrupted_message(err.run_dir)}", file=sys.stderr)
+        return err.exit_status
+    except ImportError as err:
+        return _missing_extra(err)
     except (DivergenceError, NumericalError) as err:
         print(f"freeflows: {err}", file=sys.stderr)
         return 1
@@ -330,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"freeflows: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("freeflows: interrupted; continue with `freeflows train --resume RUN_DIR`", file=sys.stderr)
+        print("freeflows: interrupted", file=sys.stderr)
         return 130
 
 

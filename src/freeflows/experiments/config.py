@@ -59,6 +59,7 @@ def default_config() -> dict[str, Any]:
             "deterministic": False,
             "plot": True,
             "threads": None,
+            "checkpoint_every_steps": 200,
         },
     }
 
@@ -142,11 +143,15 @@ def load_config(
             )
         text = preset.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot parse {preset_or_path!r} as YAML: {err}".splitlines()[0]) from None
+    if data is None:
+        raise ConfigError(f"{preset_or_path!r} is empty; a config holds a mapping of config sections")
     if not isinstance(data, dict):
-        raise ConfigError(f"{preset_or_path!r} must hold a mapping of config sections")
+        raise ConfigError(
+            f"{preset_or_path!r} must hold a mapping of config sections, not a {type(data).__name__}"
+        )
     cfg = _merge(default_config(), data)
     if data_section is not None:
         cfg["data"] = {**cfg["data"], "options": {}, **data_section}
@@ -195,6 +200,7 @@ def validate(cfg: dict[str, Any]) -> None:
         ("trainer", "val_every_epochs"),
         ("trainer", "devices"),
         ("trainer", "num_nodes"),
+        ("trainer", "checkpoint_every_steps"),
     ]:
         if cfg[section][key] < 1:
             raise ConfigError(f"{section}.{key} must be >= 1, got {cfg[section][key]}")
@@ -203,6 +209,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1 or null, got {epochs!r}")
     if cfg["optim"]["lr"] <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
+    threads = cfg["trainer"]["threads"]
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"trainer.threads must be an integer >= 1 or null (torch's), got {threads!r}")
 
 
 def save_config(cfg: dict[str, Any], path: Path) -> None:

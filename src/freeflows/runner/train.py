@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 import warnings
 from datetime import datetime
@@ -42,6 +43,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+    # a mid-epoch checkpoint resumes exactly: EpochShuffle skips the batches already used
+    warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 
 
 def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
@@ -50,7 +54,23 @@ def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
     model = build_model(cfg["model"], data.event_shape, data.condition_dim, meta=data.meta)
     if data.wrap_model is not None:  # e.g. a user's file: the model learns standardised values
         model = data.wrap_model(model)
+    check_dtypes(data, model)
     return data, model
+
+
+def check_dtypes(data: DataSet, model: nn.Module) -> None:
+    """Raise a one-line ``ValueError`` when the data's floating dtype is not the model's (for
+    example float64 data for a float32 model), instead of a matrix-multiply error mid-training."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (want,) = dtypes
+    for what, tensor in (("values", data.train.x), ("conditions", data.train.c)):
+        if tensor is not None and tensor.is_floating_point() and tensor.dtype != want:
+            raise ValueError(
+                f"data set {data.name!r} has {str(tensor.dtype).removeprefix('torch.')} {what} but the "
+                f"model is {str(want).removeprefix('torch.')}: convert the data with .to({want})"
+            )
 
 
 def training_steps(trainer_cfg: dict[str, Any], n_train: int) -> int:
@@ -83,13 +103,14 @@ def train(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from ..metrics import evaluate_model
-    from .callbacks import AtomicCheckpointIO, CSVMetricsLogger
+    from .callbacks import AtomicCheckpointIO, CSVMetricsLogger, RunCheckpoint, TrainingInterrupted
     from .data import SplitDataModule
     from .module import FlowModule
+    from .progress import StepProgressBar
 
     _quiet_lightning()
     tr = cfg["trainer"]
-    if tr["threads"]:
+    if tr["threads"] is not None:
         torch.set_num_threads(tr["threads"])
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -99,24 +120,27 @@ def train(
         if not last.is_file():
             raise CheckpointError(f"cannot resume: {last} does not exist")
         resume_step = int(read_checkpoint(last).get("global_step", 0))
+    # Everything that can reject the config (data set, model, batch size) runs before the run
+    # directory is made, so a bad config leaves no directory behind.
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    data, model = build(cfg)
+    steps = training_steps(tr, len(data.train))
+    module = FlowModule(model, cfg["optim"], steps, tr["max_nonfinite"], cfg["seed"])
+    dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
     is_worker = bool(os.environ.get(RUN_DIR_ENV)) and int(os.environ.get("LOCAL_RANK", "0")) > 0
     if not is_worker:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP worker processes
+    checkpoint = RunCheckpoint(last, tr["checkpoint_every_steps"])
+    checkpoint.install()
     try:
-        L.seed_everything(cfg["seed"], workers=True, verbose=False)
-        data, model = build(cfg)
-        steps = training_steps(tr, len(data.train))
-        module = FlowModule(model, cfg["optim"], steps, tr["max_nonfinite"], cfg["seed"])
-        dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
         cbs = [
             ModelCheckpoint(
                 ckpt_dir, "best", monitor="val/nll", mode="min", save_top_k=1, enable_version_counter=False
             ),
-            ModelCheckpoint(
-                ckpt_dir, "last", save_on_train_epoch_end=True, every_n_epochs=1, enable_version_counter=False
-            ),
+            checkpoint,
+            *([StepProgressBar()] if tr["progress_bar"] else []),
             *(callbacks or []),
         ]
         if tr["early_stopping_patience"]:
@@ -149,9 +173,15 @@ def train(
         except DivergenceError as err:  # name where this model's options live
             kind = cfg["model"]["kind"]
             raise DivergenceError(f"{err} (this model's options: --set model.{kind}.<option>=...)") from None
+        if checkpoint.signum is not None:  # a signal during the last validation: last.ckpt is final
+            raise TrainingInterrupted(checkpoint.signum, int(trainer.global_step))
         if not trainer.is_global_zero:
             return None
+    except TrainingInterrupted as err:
+        err.run_dir = run_dir
+        raise
     finally:
+        checkpoint.uninstall()
         os.environ.pop(RUN_DIR_ENV, None)
 
     best = ckpt_dir / "best.ckpt"
@@ -164,6 +194,25 @@ def train(
     metrics["checkpoint"] = "best" if best.is_file() else "last (in memory)"
     write_outputs(run_dir, model, data, metrics, plot=tr["plot"])
     return run_dir
+
+
+def interrupted_message(run_dir: Path | None) -> str:
+    """The one line to show when a run stops on Ctrl-C or SIGTERM: where the run is, and how to
+    continue it (or why it cannot be continued)."""
+    if run_dir is None:
+        return "interrupted"
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        try:
+            at = f" at step {int(read_checkpoint(last).get('global_step', 0))}"
+        except CheckpointError:
+            at = ""
+        command = f"freeflows train --resume {shlex.quote(str(run_dir))}"
+        return f"interrupted; {run_dir} holds the run{at}: resume with `{command}`"
+    if run_dir.is_dir():
+        return f"interrupted before the first checkpoint; {run_dir} has nothing to resume: start again"
+    return "interrupted before the run directory was made; nothing to resume"
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -189,9 +238,11 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        raw = yaml.safe_load(cfg_path.read_text()) or {}
+        raw = yaml.safe_load(cfg_path.read_text())
     except yaml.YAMLError:
         raise ConfigError(f"{cfg_path} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path} does not hold a mapping of config sections (empty or damaged)")
     return _merge(default_config(), raw)
 
 
@@ -259,21 +310,24 @@ def write_outputs(
 
 
 def evaluate_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
-    """Recompute a run's test metrics (and plots) from its checkpoint."""
+    """Recompute a run's test metrics (and plots) from its checkpoint. The recomputed keys replace
+    those in ``metrics.json``; every other key there (training time, steps, keys written by other
+    commands) is kept."""
     from ..metrics import evaluate_model
 
     _, data, model = load_run(run_dir)
     t = time.perf_counter()
-    metrics = evaluate_model(model, data)
-    old = run_dir / "metrics.json"
+    fresh = evaluate_model(model, data)
+    fresh["evaluate_seconds"] = time.perf_counter() - t
+    metrics: dict[str, Any] = {}
+    old = Path(run_dir) / "metrics.json"
     if old.is_file():
         try:
             prior = json.loads(old.read_text())
-            for key in ("train_seconds", "steps", "nonfinite_batches_skipped"):
-                if key in prior:
-                    metrics[key] = prior[key]
-        except json.JSONDecodeError:
-            pass
-    metrics["evaluate_seconds"] = time.perf_counter() - t
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            prior = None
+        if isinstance(prior, dict):
+            metrics = prior
+    metrics.update(fresh)
     write_outputs(Path(run_dir), model, data, metrics, plot=plot)
     return metrics
