@@ -84,6 +84,10 @@ class _Exploding(torch.nn.Module):
     def log_prob(self, x, c=None):
         return -0.5 * x.square().sum(dim=1)
 
+    def sample_and_log_prob(self, n, c=None):
+        x = self.sample(n, c)
+        return x, self.log_prob(x)
+
 
 def test_ess_survives_nonfinite_energies():
     def energy(x):

@@ -210,7 +210,10 @@ def test_a_wrong_log_det_is_detected():
 @pytest.mark.parametrize("d", [2, 3])
 def test_cnf_integrates_to_one(d):
     torch.manual_seed(0)
-    cnf = CNF(TimeMLP(d, hidden=16, layers=2, zero_init=False), StandardNormal(d), rtol=1e-6, atol=1e-6)
+    velocity = TimeMLP(d, hidden=16, layers=2, zero_init=False)
+    # CNF.from_velocity is the constructor from a velocity network (CNF(velocity, latent) before)
+    build = getattr(CNF, "from_velocity", CNF)
+    cnf = build(velocity, StandardNormal(d), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         data = cnf.sample(2000)
     assert_nontrivial(cnf, data)

@@ -32,7 +32,6 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -189,15 +188,6 @@ def nll_dimensions(model: nn.Module, data: DataSet) -> int:
     return int(torch.Size(data.event_shape).numel())
 
 
-def _draws_and_log_q(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
-    """``model.sample_and_log_prob(n)``: draws and the density of the distribution that drew them."""
-    draw: Callable[..., tuple[Tensor, Tensor]] | None = getattr(model, "sample_and_log_prob", None)
-    if draw is None:  # transition: a model without the method yet
-        x = model.sample(n)
-        return x, model.log_prob(x)
-    return draw(n)
-
-
 def particle_metrics(
     model: nn.Module, data: DataSet, n_samples: int = 2000, batch_size: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -221,7 +211,7 @@ def particle_metrics(
     samples, log_qs = [], []
     with torch.no_grad(), _seeded(seed):
         for i in range(0, n_samples, batch_size):
-            x, log_q = _draws_and_log_q(model, min(batch_size, n_samples - i))
+            x, log_q = model.sample_and_log_prob(min(batch_size, n_samples - i))
             samples.append(x.detach())
             log_qs.append(log_q.detach())
     samples, log_q = torch.cat(samples), torch.cat(log_qs)
