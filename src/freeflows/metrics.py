@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .contract import NumericalError
 from .data.base import DataSet, Split
 from .eval.mass import DEFAULT_DRAWS, DEFAULT_NODES, MassEstimate, combine_masses, density_mass
 
@@ -47,6 +48,8 @@ PARTICLE_ELEMENTS = 4096
 #: condition that place the quadrature box or fit the importance proposal.
 MASS_CONDITIONS = 4
 MASS_FIT_DRAWS = 1000
+#: A mass batch whose solve fails is halved down to pieces of this many points, which get NaN.
+FAILED_PIECE = 16
 
 
 def batched_log_prob(model: nn.Module, split: Split, batch_size: int = 1000, **kwargs: Any) -> torch.Tensor:
@@ -118,10 +121,25 @@ def model_density_mass(
     each with a box or proposal placed by ``MASS_FIT_DRAWS`` model draws at :math:`c_j` (the
     test split's :math:`x` are draws from other conditions), the importance proposal mixed with a
     Gaussian fitted to the test split. ``evaluations`` is the total budget (``None``: 201 × 201
-    nodes in 2-D, 2001 in 1-D, 4000 draws above), split over the conditions. Warnings of
-    unconverged solves are silenced: those points are counted in ``unsolved``.
+    nodes in 2-D, 2001 in 1-D, 4000 draws above), split over the conditions. Points whose
+    density could not be computed (NaN, or a :class:`~freeflows.contract.NumericalError` such as
+    a failed ODE solve) count as zero and in ``unsolved``; warnings of unconverged solves are
+    silenced.
     """
     kwargs = {} if variant is None else {"variant": variant}
+
+    def tolerant(x: Tensor, c: Tensor | None = None) -> Tensor:
+        """``log_prob``; a batch whose solve fails (:class:`NumericalError`) is halved until
+        the failing points, in pieces of at most ``FAILED_PIECE``, are found; those get NaN."""
+        try:
+            return model.log_prob(x, c, **kwargs)
+        except NumericalError:
+            if x.shape[0] <= FAILED_PIECE:
+                return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device)
+            h = x.shape[0] // 2
+            halves = (None, None) if c is None else (c[:h], c[h:])
+            return torch.cat([tolerant(x[:h], halves[0]), tolerant(x[h:], halves[1])])
+
     basis = getattr(getattr(model, "latent", None), "basis", None)
     dim = basis.shape[1] if basis is not None else int(test.x[0].numel())
     options = {"basis": basis, "batch_size": batch_size}
@@ -129,9 +147,7 @@ def model_density_mass(
         warnings.simplefilter("ignore", RuntimeWarning)
         if test.c is None:
             budget = _mass_budget(evaluations, dim, 1)
-            return density_mass(
-                lambda x: model.log_prob(x, **kwargs), test.x, evaluations=budget, seed=seed, **options
-            )
+            return density_mass(tolerant, test.x, evaluations=budget, seed=seed, **options)
         estimates = []
         k = min(conditions, len(test))
         for j in range(k):
@@ -142,7 +158,7 @@ def model_density_mass(
             fit = draws[finite] if int(finite.sum()) >= 2 else test.x
 
             def log_prob(x: Tensor, c: Tensor = c) -> Tensor:
-                return model.log_prob(x, c.expand(x.shape[0], *c.shape), **kwargs)
+                return tolerant(x, c.expand(x.shape[0], *c.shape))
 
             budget = _mass_budget(evaluations, dim, k)
             estimates.append(
