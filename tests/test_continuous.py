@@ -73,7 +73,7 @@ def random_field(features: int = 2, scale: float = 1.0, hidden: int = 16, seed: 
 
 
 def tight(net: nn.Module, latent: nn.Module, **kw) -> CNF:
-    return CNF(net, latent.double(), rtol=1e-8, atol=1e-8, **kw)
+    return CNF.from_velocity(net, latent.double(), rtol=1e-8, atol=1e-8, **kw)
 
 
 def normal_log_prob(x: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ def test_log_prob_integrates_to_one_on_a_grid():
     and the mass outside the box (< 1e-12 here). Measured |mass - 1| ~ 1.5e-7; tolerance 1e-5.
     """
     net = random_field(scale=2.0)
-    cnf = CNF(net, StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
+    cnf = CNF.from_velocity(net, StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
     g = torch.linspace(-8, 8, 121, dtype=F64)
     grid = torch.cartesian_prod(g, g)
     with torch.no_grad():
@@ -126,7 +126,9 @@ def test_linear_ode_matches_analytic_density():
         # same density with the other solvers
         # fixed steps: rk4 (global error O(h^4), measured 3e-8) and euler (O(h), measured 7e-3)
         for solver, step, tol in (("rk4", 0.05, 1e-6), ("euler", 0.005, 2e-2)):
-            fixed = CNF(LinearField(a), StandardNormal(3).double(), solver=solver, step_size=step, t1=t1)
+            fixed = CNF.from_velocity(
+                LinearField(a), StandardNormal(3).double(), solver=solver, step_size=step, t1=t1
+            )
             assert torch.allclose(fixed.log_prob(x), expected, atol=tol, rtol=0)
         # the exact trace in chunks of rows gives the same values
         chunked = tight(LinearField(a), StandardNormal(3), t1=t1, chunk_size=5)
@@ -247,7 +249,7 @@ def test_rnode_terms_on_a_linear_field():
 def test_sample_and_log_prob_are_consistent():
     """(a) Round trip: sample() solved forward again gives back the latent draw. (b) The density
     is the density of the samples: E_{x~q}[N(x; 0, I) / q(x)] = ∫ N = 1, within 4 SE."""
-    cnf = CNF(random_field(scale=1.0), StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
+    cnf = CNF.from_velocity(random_field(scale=1.0), StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
     n = 3000
     with torch.no_grad():
         z = cnf.latent.sample(n, generator=torch.Generator().manual_seed(5))
@@ -261,7 +263,7 @@ def test_sample_and_log_prob_are_consistent():
 
 def test_conditions():
     """f = c0·Ax gives log p(x | c) = log N(e^{c0 A t1} x) + c0 t1 tr A row by row; [C] broadcasts
-    like [B, C]; sampling with [C] or [n, C]; clear errors."""
+    like [B, C]; sampling with [C] gives [n, D], with [B, C] n draws per condition; clear errors."""
     torch.manual_seed(4)
     a = 0.6 * torch.randn(2, 2, dtype=F64)
     cnf = tight(ConditionalLinearField(a), StandardNormal(2), condition_dim=1)
@@ -275,9 +277,12 @@ def test_conditions():
         assert torch.allclose(cnf.log_prob(x, one), cnf.log_prob(x, one.expand(6, 1)))
         draws = cnf.sample(5, one)
         assert draws.shape == (5, 2)
-        per_row = cnf.sample(6, c, generator=torch.Generator().manual_seed(1))
-        latent = cnf.latent.sample(6, generator=torch.Generator().manual_seed(1))
-        assert torch.allclose(cnf.transform(per_row, c), latent, atol=1e-6)
+        per_condition = cnf.sample(3, c, generator=torch.Generator().manual_seed(1))
+        assert per_condition.shape == (3, 6, 2)
+        latent = cnf.latent.sample(18, generator=torch.Generator().manual_seed(1)).reshape(3, 6, 2)
+        # draw [i, j] is the latent draw i * 6 + j, carried back under condition j
+        assert torch.allclose(cnf.transform(per_condition, c), latent, atol=1e-6)
+        assert torch.allclose(cnf.log_prob(per_condition, c)[:, 2], cnf.log_prob(per_condition[:, 2], c[2]))
     with pytest.raises(ValueError, match="conditional"):
         cnf.log_prob(x)
     with pytest.raises(ValueError, match="c has shape"):
@@ -285,11 +290,15 @@ def test_conditions():
     with pytest.raises(ValueError, match="unconditional"):
         tight(LinearField(a), StandardNormal(2)).log_prob(x, c)
     with pytest.raises(ValueError, match="no parameter named c"):
-        CNF(LinearField(a), StandardNormal(2), condition_dim=1)
+        CNF.from_velocity(LinearField(a), StandardNormal(2), condition_dim=1)
+    # the condition's size is declared once: a velocity built for another size does not build
+    with pytest.raises(ValueError, match="condition_dim=2, but the velocity network was built for 1"):
+        CNF.from_velocity(TimeMLP(2, condition_dim=1), StandardNormal(2), condition_dim=2)
+    assert CNF.from_velocity(TimeMLP(2, condition_dim=1), StandardNormal(2)).condition_dim == 1
     # a conditional TimeMLP runs with the builder, in float32
     model = CNF_BUILDERS["cnf"]((2,), 3, hidden=8, layers=1, rtol=1e-3, atol=1e-3)
     assert model.log_prob(torch.randn(4, 2), torch.randn(3)).shape == (4,)
-    assert model.sample(3, torch.randn(3, 3)).shape == (3, 2)
+    assert model.sample(3, torch.randn(4, 3)).shape == (3, 4, 2)
 
 
 def test_augmented_log_prob_is_a_lower_bound_of_the_marginal():
@@ -298,8 +307,8 @@ def test_augmented_log_prob_is_a_lower_bound_of_the_marginal():
     estimates e = log q(x, a) - log N(a), a ~ N(0, 1): mean(e) <= log q(x) (Jensen, up to 4 SE),
     log mean exp(e) = log q(x) within 4 delta-method SE, and sample() draws from q(x) (KS test)."""
     net = random_field(features=2, scale=1.5, seed=6)
-    augmented = CNF(net, StandardNormal(1).double(), augment_dims=1, rtol=1e-7, atol=1e-7)
-    joint = CNF(net, StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
+    augmented = CNF.from_velocity(net, StandardNormal(1).double(), augment_dims=1, rtol=1e-7, atol=1e-7)
+    joint = CNF.from_velocity(net, StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
     g = torch.linspace(-8, 8, 121, dtype=F64)
     cell = float(g[1] - g[0])
     with torch.no_grad():
@@ -358,14 +367,16 @@ def test_nfe_counters_and_adjoint_gradients():
 
 def test_fixed_step_nfe_is_known():
     """rk4 with 4 steps: 16 evaluations per solve, and the adjoint backward solve also takes 16."""
-    cnf = CNF(random_field(), StandardNormal(2).double(), solver="rk4", step_size=0.25, adjoint=True)
+    cnf = CNF.from_velocity(
+        random_field(), StandardNormal(2).double(), solver="rk4", step_size=0.25, adjoint=True
+    )
     cnf.loss(torch.randn(8, 2, dtype=F64)).value.backward()
     assert (cnf.nfe_forward, cnf.nfe_backward) == (16, 16)
 
 
 def test_bad_inputs_raise_clear_errors():
     net = TimeMLP(2, hidden=8, layers=1)
-    cnf = CNF(net, StandardNormal(2), rtol=1e-3, atol=1e-3)
+    cnf = CNF.from_velocity(net, StandardNormal(2), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="NaN"):
         cnf.log_prob(torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="shape"):
@@ -375,19 +386,19 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown trace"):
         cnf.log_prob(torch.zeros(4, 2), trace="sketch")
     with pytest.raises(ValueError, match="unknown trace"):
-        CNF(net, StandardNormal(2), trace="approx")
+        CNF.from_velocity(net, StandardNormal(2), trace="approx")
     with pytest.raises(ValueError, match="unknown solver"):
-        CNF(net, StandardNormal(2), solver="leapfrog")
+        CNF.from_velocity(net, StandardNormal(2), solver="leapfrog")
     with pytest.raises(ValueError, match="step_size"):
-        CNF(net, StandardNormal(2), solver="rk4")
+        CNF.from_velocity(net, StandardNormal(2), solver="rk4")
     with pytest.raises(ValueError, match="unknown Hutchinson"):
-        CNF(net, StandardNormal(2), hutchinson="uniform")
+        CNF.from_velocity(net, StandardNormal(2), hutchinson="uniform")
     with pytest.raises(ValueError, match="unknown regularization"):
-        CNF(net, StandardNormal(2), regularization={"kinetc": 1.0})
+        CNF.from_velocity(net, StandardNormal(2), regularization={"kinetc": 1.0})
     with pytest.raises(ValueError, match="n must be"):
         cnf.sample(0)
     with pytest.raises(ValueError, match="keep the shape"):
-        CNF(Truncating(), StandardNormal(2)).log_prob(torch.zeros(1, 2))
+        CNF.from_velocity(Truncating(), StandardNormal(2)).log_prob(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="valid options"):
         CNF_BUILDERS["cnf"]((2,), None, widht=3)
 
@@ -404,17 +415,19 @@ def test_failed_solves_raise_numerical_error():
     names the solver and tolerances; an unrelated AssertionError is not swallowed."""
     x = torch.randn(4, 2)
     with pytest.raises(NumericalError, match=r"underflow in dt.*dopri5, rtol=1e-05"):
-        CNF(NaNAfterHalfway(), StandardNormal(2)).log_prob(x)
+        CNF.from_velocity(NaNAfterHalfway(), StandardNormal(2)).log_prob(x)
     with pytest.raises(NumericalError, match="underflow in dt"):
-        CNF(NaNAfterHalfway(), StandardNormal(2), trace="hutchinson").loss(x)
-    tight = CNF(random_field(), StandardNormal(2).double(), rtol=1e-10, atol=1e-10, max_num_steps=2)
+        CNF.from_velocity(NaNAfterHalfway(), StandardNormal(2), trace="hutchinson").loss(x)
+    tight = CNF.from_velocity(
+        random_field(), StandardNormal(2).double(), rtol=1e-10, atol=1e-10, max_num_steps=2
+    )
     with pytest.raises(NumericalError, match="max_num_steps exceeded"):
         tight.log_prob(torch.randn(4, 2, dtype=F64))
     # the same model solves once the cap is lifted
     tight.max_num_steps = None
     assert torch.isfinite(tight.log_prob(torch.randn(4, 2, dtype=F64))).all()
     with pytest.raises(ValueError, match="max_num_steps"):
-        CNF(random_field(), StandardNormal(2), max_num_steps=0)
+        CNF.from_velocity(random_field(), StandardNormal(2), max_num_steps=0)
 
 
 class TimeRecorder(nn.Module):
@@ -434,7 +447,7 @@ def test_adaptive_solves_stay_inside_the_time_interval(trace):
     """dopri5 lands its last step on the end time: the field is never evaluated past t1 (density
     direction) or before 0 (sampling), where a time-conditioned net was never trained."""
     field = TimeRecorder()
-    cnf = CNF(field, StandardNormal(2), trace=trace, t1=0.7, rtol=1e-3, atol=1e-3)
+    cnf = CNF.from_velocity(field, StandardNormal(2), trace=trace, t1=0.7, rtol=1e-3, atol=1e-3)
     cnf.log_prob(3 * torch.randn(16, 2))
     assert len(field.times) > 6 and max(field.times) <= 0.7 + 1e-6 and min(field.times) >= -1e-6
     field.times.clear()
@@ -483,8 +496,8 @@ def test_training_tolerances_apply_to_loss_only():
     keep ``rtol``/``atol``: the loose training solve takes fewer evaluations, and the default
     (``None``) reuses the evaluation tolerances."""
     x = torch.randn(64, 2, dtype=F64)
-    tight_tol = CNF(random_field(scale=2.0), StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
-    loose = CNF(
+    tight_tol = CNF.from_velocity(random_field(scale=2.0), StandardNormal(2).double(), rtol=1e-7, atol=1e-7)
+    loose = CNF.from_velocity(
         random_field(scale=2.0),
         StandardNormal(2).double(),
         rtol=1e-7,
@@ -503,6 +516,6 @@ def test_training_tolerances_apply_to_loss_only():
         assert torch.equal(loose.log_prob(x), tight_tol.log_prob(x))
     assert loose.nfe_forward == tight_tol.nfe_forward
     with pytest.raises(ValueError, match="train_rtol must be a number > 0"):
-        CNF(random_field(), StandardNormal(2), train_rtol=0.0)
+        CNF.from_velocity(random_field(), StandardNormal(2), train_rtol=0.0)
     with pytest.raises(ValueError, match="train_atol must be a number > 0"):
-        CNF(random_field(), StandardNormal(2), train_atol="1e-3")
+        CNF.from_velocity(random_field(), StandardNormal(2), train_atol="1e-3")

@@ -59,10 +59,20 @@ def test_contract_and_shapes(kind):
     assert isinstance(loss, Loss) and loss.value.dim() == 0
     assert torch.allclose(loss.value, -lp.mean()) and torch.allclose(loss.parts["nll"], -lp.mean())
     assert not loss.parts["nll"].requires_grad
-    # one condition [C]: n draws from p(x|c); [n, C]: one per row
+    # one condition [C]: n draws from p(x|c); [B, C]: n draws for each condition, [n, B, *event]
     s = flow.sample(5, c[0])
     assert s.shape == (5, *flow.event_shape) and s.dtype == torch.float64 and torch.isfinite(s).all()
-    assert flow.sample(4, c[:4]).shape == (4, *flow.event_shape)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    many = flow.sample(2, c[:4], generator=g1)
+    assert many.shape == (2, 4, *flow.event_shape)
+    # draw [i, j] is latent draw i * 4 + j mapped under condition j
+    z = flow.latent.sample(8, generator=g2)
+    assert torch.allclose(many.reshape(8, *flow.event_shape), flow.transform.inverse(z, c[:4].repeat(2, 1)))
+    # log_prob takes any leading batch shape, with c broadcast against it
+    lp_many = flow.log_prob(many, c[:4])
+    assert lp_many.shape == (2, 4)
+    assert torch.allclose(lp_many[1, 3], flow.log_prob(many[1, 3], c[3]))
+    assert flow.log_prob(many[1, 3], c[3]).shape == ()
     # samples are the inverse of the density's map
     z, _ = flow.transform(s, c[0].expand(5, -1))
     assert torch.allclose(flow.transform.inverse(z, c[0].expand(5, -1)), s, atol=1e-8)
@@ -79,12 +89,14 @@ def test_condition_and_data_errors(kind):
         flow.log_prob(x)
     with pytest.raises(ValueError, match="expected"):
         flow.log_prob(x, torch.randn(16, C + 1, dtype=x.dtype))
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match="does not broadcast"):
         flow.log_prob(x, torch.randn(5, C, dtype=x.dtype))
     with pytest.raises(ValueError, match="expected"):
         flow.sample(4, torch.randn(C + 2, dtype=x.dtype))
-    with pytest.raises(ValueError, match="rows"):
-        flow.sample(4, torch.randn(3, C, dtype=x.dtype))
+    with pytest.raises(ValueError, match=r"dtype torch.float32 but the model is torch.float64"):
+        flow.log_prob(x.float(), c)
+    with pytest.raises(ValueError, match=r"c has dtype torch.float32"):
+        flow.sample(2, c.float())
     bad = x.clone()
     bad.view(16, -1)[2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

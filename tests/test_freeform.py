@@ -240,7 +240,7 @@ def test_conditions_concatenated_or_passed():
         assert m.loss(x, c).value.isfinite()
         assert m.log_prob(x, c).shape == (5,)
         assert m.sample(7, c[0]).shape == (7, D)
-        assert m.sample(5, c).shape == (5, D)
+        assert m.sample(2, c).shape == (2, 5, D)
     # the condition matters for the concatenating model
     assert not torch.allclose(concat.log_prob(x, c), concat.log_prob(x, c + 1))
 
@@ -252,7 +252,8 @@ def test_bad_input_is_a_value_error():
         (x.clone().index_fill_(0, torch.tensor([1]), float("nan")), "NaN"),
         (x.clone().index_fill_(0, torch.tensor([2]), float("inf")), "inf"),
         (torch.randn(4, D + 1), "shape"),
-        (torch.randn(D), "shape"),
+        (torch.randn(D - 1), "shape"),
+        (x.double(), "dtype torch.float64 but the model is torch.float32"),
     ]:
         for call in (model.loss, model.log_prob):
             with pytest.raises(ValueError, match=match):
@@ -264,8 +265,10 @@ def test_bad_input_is_a_value_error():
     )
     with pytest.raises(ValueError, match="conditional"):
         cond.loss(x)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match="does not broadcast"):
         cond.loss(x, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="c has dtype torch.float64"):
+        cond.log_prob(x, torch.randn(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="expected"):
         cond.sample(3, torch.randn(5))
     with pytest.raises(ValueError, match="beta"):
@@ -278,6 +281,35 @@ def test_bad_input_is_a_value_error():
         FreeFormFlow(ResNet(D), ResNet(D), StandardNormal(D), hutchinson="sphere", hutchinson_samples=D + 1)
     with pytest.raises(ValueError, match="keep the shape"):
         FreeFormFlow(nn.Linear(D, D + 1), ResNet(D), StandardNormal(D)).loss(x)
+
+
+def test_condition_size_is_declared_once():
+    """A network built for another condition size is an error at construction; without
+    condition_dim the size the networks declare is taken."""
+    with pytest.raises(ValueError, match="condition_dim=3, but the encoder network was built for 2"):
+        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D), condition_dim=3)
+    with pytest.raises(ValueError, match="the decoder network was built for 0"):
+        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D), condition_dim=2)
+    with pytest.raises(ValueError, match="different sizes"):
+        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D))
+    two = ResNet(D, condition_features=2)
+    derived = FreeFormFlow(two, ResNet(D, condition_features=2), StandardNormal(D))
+    assert derived.condition_dim == 2
+    assert FreeFormFlow.resnet(D, 2).condition_dim == 2
+    assert FreeFormFlow.resnet(D).condition_dim is None
+
+
+def test_resnet_constructor_matches_the_networks_it_names():
+    """``FreeFormFlow.resnet(features, ...)`` builds ResNet encoder and decoder of the given sizes,
+    a standard normal latent, and passes the flow's options on."""
+    flow = FreeFormFlow.resnet(D, 2, hidden=8, depth=1, blocks=4, beta=3.0, sample_refine_steps=2)
+    for net in (flow.encoder, flow.decoder):
+        assert isinstance(net, ResNet) and len(net.blocks) == 4 and net.condition_features == 2
+        assert net.blocks[0].branch[0].out_features == 8 and len(net.blocks[0].branch) == 3
+    assert isinstance(flow.latent, StandardNormal) and flow.event_shape == (D,)
+    assert (flow.beta, flow.sample_refine_steps) == (3.0, 2)
+    with pytest.raises(ValueError, match="features"):
+        FreeFormFlow.resnet(0)
 
 
 def test_import_is_light():

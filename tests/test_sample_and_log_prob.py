@@ -53,7 +53,9 @@ def _build(kind: str, d: int = 3, condition_dim: int | None = None) -> nn.Module
         return _perturb(IAF(d, condition_dim, transforms=2, hidden=16)).double()
     if kind == "cnf":
         velocity = _perturb(TimeMLP(d, hidden=16, layers=2, condition_dim=condition_dim or 0), 0.3)
-        return CNF(velocity, StandardNormal(d), rtol=1e-9, atol=1e-9, condition_dim=condition_dim).double()
+        return CNF.from_velocity(
+            velocity, StandardNormal(d), rtol=1e-9, atol=1e-9, condition_dim=condition_dim
+        ).double()
     if kind == "fff":
         cf = condition_dim or 0
         enc = _perturb(ResNet(d, 16, blocks=2, condition_features=cf), 0.1)
@@ -93,13 +95,13 @@ def test_sample_has_no_graph_and_rsample_has_one(kind):
 def test_cnf_sample_and_log_prob_on_a_mean_free_latent():
     torch.manual_seed(0)
     velocity = _perturb(TimeMLP(6, hidden=16, layers=2), 0.3)
-    model = CNF(velocity, MeanFreeNormal(3, 2), rtol=1e-9, atol=1e-9).double()
+    model = CNF.from_velocity(velocity, MeanFreeNormal(3, 2), rtol=1e-9, atol=1e-9).double()
     x, log_q = model.sample_and_log_prob(8)
     with torch.no_grad():
         torch.testing.assert_close(log_q, model.log_prob(x), rtol=1e-6, atol=1e-6)
 
 
 def test_augmented_cnf_refuses_sample_and_log_prob():
-    model = CNF(TimeMLP(5, hidden=8, layers=2), StandardNormal(3), augment_dims=2)
+    model = CNF.from_velocity(TimeMLP(5, hidden=8, layers=2), StandardNormal(3), augment_dims=2)
     with pytest.raises(ValueError, match="augment_dims"):
         model.sample_and_log_prob(4)

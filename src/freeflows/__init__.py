@@ -5,16 +5,21 @@ helpers) needs only torch; solving a :class:`CNF` also needs torchdiffeq, which 
 when an ODE is solved.
 
 Direction convention: *forward* maps data to latent, *inverse* maps latent to data.
+
+Every model follows one contract (:mod:`freeflows.contract`), is built from ``features`` (and
+``condition_dim``) with options as keywords, and is saved and restored with :func:`save` and
+:func:`load` (:mod:`freeflows.serialization`).
 """
 
 from .continuous import CNF
-from .contract import DensityModel, Loss
+from .contract import DensityModel, DensityModule, Loss
 from .distributions import MeanFreeNormal, StandardNormal
 from .flows import IAF, MAF, NICE, Flow, Glow, PlanarFlow, RealNVP
 from .freeform import FreeFormFlow
 from .hutchinson import hutchinson_vectors
 from .jacobian import batch_jacobian, log_abs_det, log_abs_det_jacobian
 from .nets import ResNet
+from .serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -28,6 +33,7 @@ __all__ = [
     "PlanarFlow",
     "RealNVP",
     "DensityModel",
+    "DensityModule",
     "FreeFormFlow",
     "Loss",
     "MeanFreeNormal",
@@ -37,4 +43,6 @@ __all__ = [
     "hutchinson_vectors",
     "log_abs_det",
     "log_abs_det_jacobian",
+    "load",
+    "save",
 ]

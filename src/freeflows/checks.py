@@ -1,68 +1,166 @@
-"""Input checks shared by every model. Each raises :class:`ValueError` naming the problem."""
+r"""Input checks and batch shapes shared by every model, written once.
+
+Every check raises :class:`ValueError` with one line naming the problem. The shape rules of the
+model contract (:mod:`freeflows.contract`) live here:
+
+* **Data.** ``x`` has shape ``[*batch, *event]``; any number of leading batch dimensions, none
+  included. Models compute on ``[B, *event]`` with ``B`` the product of the batch dimensions.
+* **Conditions.** An unconditional model (``condition_dim`` is ``None``) refuses any ``c``; a
+  conditional one requires it, with shape ``[*cbatch, C]``. For densities, ``cbatch`` broadcasts
+  against ``x``'s batch shape (so ``[C]`` conditions every row, ``[*batch, C]`` each row). For
+  draws, ``sample(n, c)`` gives ``[n, *cbatch, *event]``: ``n`` draws for each condition.
+* **Dtype and device** of ``x`` and ``c`` must be those of the model (of its first floating
+  parameter or buffer); a mismatch names both.
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
-def check_data(x: Tensor, event_shape: tuple[int, ...], name: str = "x") -> None:
-    """Check that ``x`` is a finite floating tensor of shape ``[B, *event_shape]``."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if tuple(x.shape[1:]) != tuple(event_shape) or x.dim() != len(event_shape) + 1:
+def numel(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
+
+
+def module_dtype_device(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of a module's first floating parameter (else buffer), or ``None``s
+    when it has none."""
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            if t.is_floating_point():
+                return t.dtype, t.device
+    return None, None
+
+
+def _check_tensor(t: object, name: str, dtype: torch.dtype | None, device: torch.device | None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
         raise ValueError(
-            f"{name} has shape {tuple(x.shape)}, expected [batch, {', '.join(map(str, event_shape))}]"
-            f" (event shape {tuple(event_shape)})"
+            f"{name} has dtype {t.dtype} but the model is {dtype}: "
+            f"convert {name} with .to({dtype}) or the model with .to({t.dtype})"
         )
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
-        kinds = []
-        if torch.isnan(x).any():
-            kinds.append("NaN")
-        if torch.isinf(x).any():
-            kinds.append("inf")
+    if device is not None and t.device != device:
         raise ValueError(
-            f"{name} contains {' and '.join(kinds)} in {bad.numel()} row(s), first at row {bad[0].item()}"
+            f"{name} is on device {t.device} but the model is on {device}: "
+            f"move {name} with .to('{device}') or the model with .to('{t.device}')"
         )
 
 
-def check_condition(c: Tensor | None, condition_dim: int | None, batch: int | None) -> Tensor | None:
-    """Check a condition against the model's ``condition_dim`` and return it as ``[B, C]``.
+def _check_finite(t: Tensor, name: str, batch: tuple[int, ...]) -> None:
+    if bool(torch.isfinite(t).all()):
+        return
+    rows = t.reshape(numel(batch), -1) if batch else t.reshape(1, -1)
+    bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()
+    kinds = [k for k, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(t).any())]
+    if len(batch) <= 1:
+        where = f"row {int(bad[0])}"
+    else:
+        where = f"index {tuple(int(i) for i in torch.unravel_index(bad[0], batch))}"
+    raise ValueError(f"{name} contains {' and '.join(kinds)} in {bad.numel()} row(s), first at {where}")
 
-    Shape rules, written once for the whole library:
 
-    * an unconditional model (``condition_dim`` is ``None``) refuses any ``c``;
-    * a conditional model requires ``c``;
-    * ``c`` of shape ``[C]`` is broadcast to every row; ``c`` of shape ``[B, C]`` gives one
-      condition per row and ``B`` must match the batch.
-    """
+def check_count(n: object) -> int:
+    """``n`` as a positive ``int`` (the number of draws)."""
+    try:
+        value = operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        value = 0
+    if isinstance(n, bool) or value < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    return value
+
+
+def check_condition_dim(condition_dim: object) -> int | None:
+    """``condition_dim`` as a positive ``int`` or ``None``."""
+    if condition_dim is not None and (
+        isinstance(condition_dim, bool) or not isinstance(condition_dim, int) or condition_dim < 1
+    ):
+        raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
+    return condition_dim
+
+
+def check_condition(
+    c: Tensor | None,
+    condition_dim: int | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Check ``c`` (``[*cbatch, C]``) against a model's ``condition_dim``, dtype and device."""
     if condition_dim is None:
         if c is not None:
             raise ValueError("a condition c was given, but this model is unconditional")
         return None
     if c is None:
         raise ValueError(f"this model is conditional: pass c with {condition_dim} features")
-    if not isinstance(c, Tensor) or not c.is_floating_point():
-        raise ValueError("c must be a floating-point torch.Tensor")
-    if c.dim() == 1:
-        c = c.unsqueeze(0)
-        if batch is not None:
-            c = c.expand(batch, -1)
-    if c.dim() != 2 or c.shape[1] != condition_dim:
+    _check_tensor(c, "c", dtype, device)
+    if c.dim() == 0 or c.shape[-1] != condition_dim:
         raise ValueError(
-            f"c has shape {tuple(c.shape)}, expected [{condition_dim}] or [batch, {condition_dim}]"
+            f"c has shape {tuple(c.shape)}, expected [{condition_dim}] or [*batch, {condition_dim}]"
         )
-    if batch is not None and c.shape[0] != batch:
-        raise ValueError(f"c has {c.shape[0]} rows but x has {batch}")
-    if not torch.isfinite(c).all():
-        raise ValueError("c contains NaN or inf")
+    _check_finite(c, "c", tuple(c.shape[:-1]))
     return c
+
+
+def check_inputs(
+    x: Tensor,
+    c: Tensor | None,
+    event_shape: tuple[int, ...],
+    condition_dim: int | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor | None, torch.Size]:
+    """Check data ``x`` (``[*batch, *event]``) and its condition; return ``x`` as
+    ``[B, *event]``, ``c`` as ``[B, C]`` (or ``None``) and the batch shape (broadcast with ``c``'s),
+    whose product is ``B``."""
+    _check_tensor(x, "x", dtype, device)
+    event = tuple(event_shape)
+    k = x.dim() - len(event)
+    if k < 0 or tuple(x.shape[k:]) != event:
+        dims = ", ".join(map(str, event))
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [*batch, {dims}] (event shape {event})")
+    batch = x.shape[:k]
+    _check_finite(x, "x", tuple(batch))
+    c = check_condition(c, condition_dim, dtype, device)
+    if c is not None:
+        try:
+            full = torch.broadcast_shapes(batch, c.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"c has batch shape {tuple(c.shape[:-1])}, which does not broadcast with x's batch "
+                f"shape {tuple(batch)}: pass c of shape [{condition_dim}] or [*batch, {condition_dim}]"
+            ) from None
+        if full != batch:
+            x = x.expand(*full, *event)
+            batch = full
+        c = c.expand(*full, c.shape[-1]).reshape(-1, c.shape[-1])
+    return x.reshape(-1, *event), c, batch
+
+
+def draw_conditions(
+    n: object,
+    c: Tensor | None,
+    condition_dim: int | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> tuple[int, Tensor | None, torch.Size]:
+    """For ``sample(n, c)``: the number of rows to draw, ``n`` times the number of conditions, the
+    condition of each row (``[rows, C]``, all conditions in turn, ``n`` times) and the leading
+    shape ``[n, *cbatch]`` that the draws take."""
+    n = check_count(n)
+    c = check_condition(c, condition_dim, dtype, device)
+    if c is None:
+        return n, None, torch.Size([n])
+    cbatch = c.shape[:-1]
+    rows = c.reshape(-1, c.shape[-1]).repeat(n, 1)
+    return rows.shape[0], rows, torch.Size([n, *cbatch])
 
 
 def check_options(kind: str, options: Iterable[str], valid: Iterable[str]) -> None:
@@ -73,7 +171,3 @@ def check_options(kind: str, options: Iterable[str], valid: Iterable[str]) -> No
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for {kind}; valid options: {', '.join(valid)}"
         )
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return int(math.prod(shape))

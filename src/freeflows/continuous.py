@@ -75,16 +75,17 @@ forward solve whose outputs receive a gradient. ``reset_nfe()`` zeroes all three
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from .checks import check_condition, check_data, numel
-from .conditioning import accepts_condition
-from .contract import Loss, NumericalError
+from .checks import check_condition_dim, check_options, numel
+from .conditioning import accepts_condition, resolve_condition_dim
+from .contract import DensityModule, Loss, NumericalError
 from .hutchinson import HUTCHINSON_MODES, HutchinsonMode, hutchinson_vectors
+from .serialization import named_constructor
 
 TraceMode = Literal["exact", "hutchinson"]
 TRACE_MODES: tuple[str, ...] = ("exact", "hutchinson")
@@ -94,6 +95,22 @@ REGULARIZERS: tuple[str, ...] = ("kinetic", "jacobian")
 #: How torchdiffeq's adaptive solvers report a failed solve (``AssertionError`` messages).
 SOLVER_FAILURES: tuple[str, ...] = ("underflow in dt", "max_num_steps exceeded")
 LOG_TWO_PI = math.log(2 * math.pi)
+#: The options of the ODE, the trace and the regularisers, shared by every constructor of :class:`CNF`.
+SOLVER_OPTIONS: tuple[str, ...] = (
+    "trace",
+    "hutchinson",
+    "solver",
+    "rtol",
+    "atol",
+    "train_rtol",
+    "train_atol",
+    "step_size",
+    "adjoint",
+    "regularization",
+    "t1",
+    "chunk_size",
+    "max_num_steps",
+)
 
 
 class NFECounter:
@@ -224,16 +241,23 @@ class Dynamics(nn.Module):
         return f, trace, frobenius
 
 
-class CNF(nn.Module):
+class CNF(DensityModule):
     r"""A continuous normalizing flow :math:`\dot x = f(t, x, c)` from data (:math:`t=0`) to latent
     (:math:`t = t_1`). See the module docstring for the maths.
 
+    ``CNF(features, condition_dim)`` builds the velocity field, a
+    :class:`~freeflows.nets.velocity.TimeMLP` (``layers`` hidden layers of width ``hidden`` with
+    ``activation``; time and condition feed every layer), on events of ``features`` numbers
+    (an int, or an event shape, which is flattened) with a standard normal latent.
+    :meth:`from_velocity` takes any velocity network and latent; :meth:`egnn` builds the
+    equivariant CNF of particle systems. All take the options below as keywords.
+
     Args:
-        velocity: network ``f(t, x)`` or ``f(t, x, c)`` (a ``forward`` with a parameter named
-            ``c``) mapping ``x`` of shape ``[B, *event_shape]`` (``[B, D + augment_dims]`` when
-            augmented) to the same shape; ``t`` is a 0-dim tensor. See
-            :class:`~freeflows.nets.velocity.TimeMLP`.
-        latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and ``basis``.
+        features: ``D``, or an event shape.
+        condition_dim: number of condition features, or ``None`` for an unconditional flow.
+        hidden, layers, activation: the :class:`~freeflows.nets.velocity.TimeMLP`.
+        augment_dims: number :math:`k \ge 0` of augmented dimensions. With ``k > 0``,
+            ``log_prob`` is an **estimate** (a stochastic lower bound), not the exact density.
         trace: ``"exact"`` or ``"hutchinson"``, the trace used by :meth:`loss`.
         hutchinson: probe distribution, ``"gaussian"`` or ``"rademacher"`` (or ``"sphere"``).
         solver: a torchdiffeq method: adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``,
@@ -247,9 +271,6 @@ class CNF(nn.Module):
             number of steps) instead of through the solver's operations.
         regularization: ``None`` or a dict with keys ``"kinetic"`` and/or ``"jacobian"`` giving
             the weights :math:`\lambda_K, \lambda_J \ge 0` of the RNODE terms in :meth:`loss`.
-        augment_dims: number :math:`k \ge 0` of augmented dimensions. With ``k > 0``,
-            ``log_prob`` is an **estimate** (a stochastic lower bound), not the exact density.
-        condition_dim: number of condition features, or ``None`` for an unconditional flow.
         t1: end time :math:`t_1 > 0`.
         chunk_size: rows per ``vmap`` call of the exact trace (bounds memory to
             ``chunk * D`` reverse products at once); ``None`` does all rows at once.
@@ -259,11 +280,18 @@ class CNF(nn.Module):
     stiff or non-finite field) raises :class:`~freeflows.contract.NumericalError`.
     """
 
+    _settings = SOLVER_OPTIONS
+
+    @named_constructor
     def __init__(
         self,
-        velocity: nn.Module,
-        latent: nn.Module,
+        features: int | tuple[int, ...],
+        condition_dim: int | None = None,
         *,
+        hidden: int = 64,
+        layers: int = 3,
+        activation: str = "tanh",
+        augment_dims: int = 0,
         trace: TraceMode = "exact",
         hutchinson: HutchinsonMode = "gaussian",
         solver: str = "dopri5",
@@ -274,13 +302,130 @@ class CNF(nn.Module):
         step_size: float | None = None,
         adjoint: bool = False,
         regularization: dict[str, float] | None = None,
-        augment_dims: int = 0,
-        condition_dim: int | None = None,
         t1: float = 1.0,
         chunk_size: int | None = None,
         max_num_steps: int | None = 10_000,
     ):
+        from .distributions import StandardNormal
+        from .nets.velocity import TimeMLP
+
         super().__init__()
+        if isinstance(features, nn.Module):
+            raise TypeError(
+                "CNF(features, condition_dim, ...) builds its own velocity field; for your own "
+                "velocity network use CNF.from_velocity(velocity, latent, ...)"
+            )
+        shape = (features,) if isinstance(features, int) and not isinstance(features, bool) else features
+        if not isinstance(shape, (tuple, list)) or not shape or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
+        ):
+            raise ValueError(f"features must be a positive integer or an event shape, got {features!r}")
+        check_condition_dim(condition_dim)
+        if isinstance(augment_dims, bool) or not isinstance(augment_dims, int) or augment_dims < 0:
+            raise ValueError(f"augment_dims must be an integer >= 0, got {augment_dims!r}")
+        velocity = TimeMLP(
+            numel(tuple(shape)) + augment_dims,
+            hidden=hidden,
+            layers=layers,
+            condition_dim=condition_dim or 0,
+            activation=activation,
+        )
+        self._setup(
+            velocity,
+            StandardNormal(*shape),
+            condition_dim=condition_dim,
+            augment_dims=augment_dims,
+            trace=trace,
+            hutchinson=hutchinson,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            train_rtol=train_rtol,
+            train_atol=train_atol,
+            step_size=step_size,
+            adjoint=adjoint,
+            regularization=regularization,
+            t1=t1,
+            chunk_size=chunk_size,
+            max_num_steps=max_num_steps,
+        )
+
+    @classmethod
+    def from_velocity(
+        cls,
+        velocity: nn.Module,
+        latent: nn.Module,
+        *,
+        condition_dim: int | None = None,
+        augment_dims: int = 0,
+        **options: Any,
+    ) -> CNF:
+        r"""A CNF with any velocity network and latent.
+
+        Args:
+            velocity: network ``f(t, x)`` or ``f(t, x, c)`` (a ``forward`` with a parameter named
+                ``c``) mapping ``x`` of shape ``[B, *event_shape]`` (``[B, D + augment_dims]``
+                when augmented) to the same shape; ``t`` is a 0-dim tensor.
+            latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and
+                ``basis``.
+            condition_dim: number of condition features. A velocity that declares its own
+                (``condition_dim`` or ``condition_features``, as
+                :class:`~freeflows.nets.velocity.TimeMLP` does) must declare the same, else
+                construction fails; ``None`` takes the velocity's.
+            augment_dims: augmented dimensions (see the class docstring).
+            options: the ODE options of the class docstring (``trace``, ``solver``, ``rtol``, ...).
+        """
+        check_options("CNF.from_velocity", options, SOLVER_OPTIONS)
+        model = cls.__new__(cls)
+        DensityModule.__init__(model)
+        condition_dim = resolve_condition_dim(check_condition_dim(condition_dim), {"velocity": velocity})
+        model._setup(velocity, latent, condition_dim=condition_dim, augment_dims=augment_dims, **options)
+        return model
+
+    @classmethod
+    @named_constructor
+    def egnn(
+        cls,
+        n_particles: int,
+        n_dims: int,
+        *,
+        hidden: int = 32,
+        layers: int = 3,
+        attention: bool = True,
+        **options: Any,
+    ) -> CNF:
+        r"""The equivariant CNF of ``n_particles`` points in ``n_dims`` dimensions (events of
+        ``n_particles * n_dims`` numbers, particle-major): an
+        :class:`~freeflows.nets.EGNNVelocity` field (``layers`` layers of width ``hidden``) and a
+        :class:`~freeflows.distributions.MeanFreeNormal` latent; unconditional. ``options``: the
+        ODE options of the class docstring."""
+        from .distributions import MeanFreeNormal
+        from .nets.egnn import EGNNVelocity
+
+        velocity = EGNNVelocity(n_particles, n_dims, hidden=hidden, layers=layers, attention=attention)
+        return cls.from_velocity(velocity, MeanFreeNormal(n_particles, n_dims), **options)
+
+    def _setup(
+        self,
+        velocity: nn.Module,
+        latent: nn.Module,
+        *,
+        condition_dim: int | None = None,
+        augment_dims: int = 0,
+        trace: TraceMode = "exact",
+        hutchinson: HutchinsonMode = "gaussian",
+        solver: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        train_rtol: float | None = None,
+        train_atol: float | None = None,
+        step_size: float | None = None,
+        adjoint: bool = False,
+        regularization: dict[str, float] | None = None,
+        t1: float = 1.0,
+        chunk_size: int | None = None,
+        max_num_steps: int | None = 10_000,
+    ) -> None:
         _check_trace(trace)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
@@ -316,8 +461,7 @@ class CNF(nn.Module):
                 raise ValueError(f"regularization weight {key}={weight!r} must be a number >= 0")
         if not isinstance(augment_dims, int) or augment_dims < 0:
             raise ValueError(f"augment_dims must be an integer >= 0, got {augment_dims!r}")
-        if condition_dim is not None and (not isinstance(condition_dim, int) or condition_dim < 1):
-            raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
+        check_condition_dim(condition_dim)
         if not isinstance(t1, (int, float)) or not t1 > 0:
             raise ValueError(f"t1 must be a number > 0, got {t1!r}")
         takes_c = accepts_condition(velocity)
@@ -499,10 +643,6 @@ class CNF(nn.Module):
             "nfe": torch.tensor(float(self.counter.forward - before), device=x.device),
         }
 
-    def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
-        check_data(x, self.event_shape)
-        return check_condition(c, self.condition_dim, x.shape[0])
-
     # -- the model contract -------------------------------------------------------------------
     def log_prob(
         self,
@@ -513,14 +653,26 @@ class CNF(nn.Module):
         augment_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        r"""Log-density ``[B]``: :math:`\log p_Z(z(t_1)) + \int_0^{t_1} \operatorname{tr}
+        r"""Log-density ``[*batch]`` of ``x`` (``[*batch, *event]``) given ``c`` (``[C]`` or
+        broadcastable to ``[*batch, C]``): :math:`\log p_Z(z(t_1)) + \int_0^{t_1} \operatorname{tr}
         \partial_x f\, dt`, exact up to the solver tolerances with ``trace="exact"`` (default).
 
         ``trace="hutchinson"`` returns an unbiased **estimate** instead (one probe per row).
         With ``augment_dims > 0`` the value is **an estimate, not the exact density**: the
         importance-sampling lower bound of the module docstring with ``augment_samples`` draws.
         """
-        c = self._inputs(x, c)
+        return self._per_row(
+            self._log_prob, x, c, trace=trace, augment_samples=augment_samples, generator=generator
+        )
+
+    def _log_prob(
+        self,
+        x: Tensor,
+        c: Tensor | None,
+        trace: TraceMode = "exact",
+        augment_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         if not isinstance(augment_samples, int) or augment_samples < 1:
             raise ValueError(f"augment_samples must be a positive integer, got {augment_samples!r}")
         k = augment_samples if self.augment_dims else 1
@@ -546,7 +698,9 @@ class CNF(nn.Module):
         ``nfe_backward`` (measured during the *previous* training backward pass, since this
         batch's has not happened yet; 0 at first).
         """
-        c = self._inputs(x, c)
+        return super().loss(x, c)
+
+    def _loss(self, x: Tensor, c: Tensor | None) -> Loss:
         nfe_backward = self.counter.backward - self._backward_mark
         self._backward_mark = self.counter.backward
         out = self.integrate(x, c, tolerances=(self.train_rtol, self.train_atol))
@@ -567,64 +721,64 @@ class CNF(nn.Module):
         }
         return Loss(value, parts)
 
-    def _latent_draws(
-        self, n: int, c: Tensor | None, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor | None]:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        c = check_condition(c, self.condition_dim, n)
-        z = self.latent.sample(n, generator=generator)
-        if c is not None:
-            z = z.to(c)
-        h = z.reshape(n, -1)
+    def _latent_draws(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """``n`` flat latent draws ``[n, D + k]`` (with the augmented coordinates)."""
+        h = self.latent.sample(n, generator=generator).reshape(n, -1)
         if self.augment_dims:
             a = torch.randn(n, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
             h = torch.cat([h, a], dim=1)
-        return h, c
+        return h
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Like :meth:`sample`, with gradients to the parameters through the ODE solve."""
-        h, c = self._latent_draws(n, c, generator)
+        return super().rsample(n, c, generator)
+
+    def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        h = self._latent_draws(n, generator)
         x = self._solve(self._dynamics("sample", condition=c), h, self.t1, 0.0)
         return x[:, : self.dim].reshape(n, *self.event_shape)
 
-    @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws: :math:`z \\sim p_Z` (and :math:`a \\sim \\mathcal N(0, I_k)`), integrated
-        from :math:`t_1` back to 0 (augmented coordinates dropped). With ``c`` of shape ``[C]``
-        all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row. No
-        gradients (see :meth:`rsample`)."""
-        return self.rsample(n, c, generator)
+        from :math:`t_1` back to 0 (augmented coordinates dropped). Shape ``[n, *event]``, or
+        ``[n, *cbatch, *event]`` with ``c`` of shape ``[*cbatch, C]`` (``n`` draws for each
+        condition). No gradients (see :meth:`rsample`)."""
+        return super().sample(n, c, generator)
 
-    @torch.no_grad()
     def sample_and_log_prob(
         self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""``n`` draws and their log-density ``[n]`` from one solve: the density ODE is
-        integrated from :math:`(z, 0)` at :math:`t_1` back to 0, which gives
+        r"""Draws as :meth:`sample` and their log-density (``[n, *cbatch]``) from one solve: the
+        density ODE is integrated from :math:`(z, 0)` at :math:`t_1` back to 0, which gives
         :math:`\ell(0) = -\int_0^{t_1} \operatorname{tr} \partial_x f\, dt` and
         :math:`\log q(x) = \log p_Z(z) - \ell(0)`, with the model's trace (exact by default;
         ``trace="hutchinson"`` makes it an unbiased estimate). Not available with augmented
         dimensions, whose marginal density has no closed form."""
+        return super().sample_and_log_prob(n, c, generator)
+
+    def _sample_and_log_prob(
+        self, n: int, c: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         if self.augment_dims:
             raise ValueError(
                 "sample_and_log_prob needs augment_dims = 0: the marginal density of augmented "
                 "draws is not available in closed form (log_prob gives a lower-bound estimate)"
             )
-        h, c = self._latent_draws(n, c, generator)
+        h = self._latent_draws(n, generator)
         dynamics = self._density_dynamics(h, c, self.trace, generator)
         zeros = h.new_zeros(n)
         x, ell, _, _ = self._solve(dynamics, (h, zeros, zeros, zeros), self.t1, 0.0)
         return x.reshape(n, *self.event_shape), self._latent_log_prob(h) - ell
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """The flow map data to latent, :math:`z = x(t_1)`, shaped like ``x`` (no density)."""
-        c = self._inputs(x, c)
-        h = x.reshape(x.shape[0], -1)
+        """The flow map data to latent, :math:`z = x(t_1)`, ``[*batch, *event]`` like ``x`` (no
+        density)."""
+        x, c, batch = self._check(x, c)
         if self.augment_dims:
             raise ValueError("transform is not defined with augmented dimensions (it needs a draw of a)")
         dynamics = self._dynamics("transform", condition=c)
-        return self._solve(dynamics, h, 0.0, self.t1).reshape(x.shape)
+        z = self._solve(dynamics, x.reshape(x.shape[0], -1), 0.0, self.t1)
+        return z.reshape((*batch, *self.event_shape))
 
     @property
     def divergence_hint(self) -> str:

@@ -25,21 +25,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .checks import check_condition, check_data
-from .contract import Loss
+from .checks import check_condition_dim
+from .contract import DensityModule, Loss
 from .distributions import StandardNormal
+from .serialization import named_constructor
 from .transforms.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from .transforms.base import ComposedTransform, Transform
 from .transforms.coupling import AdditiveCoupling, AffineCoupling, DiagonalScaling, half_mask
 from .transforms.glow import ActNorm, InvertibleLinear, MultiScale
 from .transforms.planar import Planar
-
-
-def _check_condition_dim(condition_dim: int | None) -> None:
-    if condition_dim is not None and (
-        isinstance(condition_dim, bool) or not isinstance(condition_dim, int) or condition_dim < 1
-    ):
-        raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
 
 
 def _event_shape(event_shape: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -64,8 +58,10 @@ def _positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-class Flow(nn.Module):
-    r"""A normalizing flow ``x = transform.inverse(z, c)``, ``z ~ latent``.
+class Flow(DensityModule):
+    r"""A normalizing flow ``x = transform.inverse(z, c)``, ``z ~ latent``, with the public
+    methods of :class:`~freeflows.contract.DensityModule` (any batch shape; ``sample(n, c)`` with
+    ``c`` of shape ``[B, C]`` gives ``[n, B, *event]``).
 
     Args:
         transform: the bijection, ``forward`` data → latent.
@@ -76,52 +72,30 @@ class Flow(nn.Module):
 
     def __init__(self, transform: Transform, latent: nn.Module, condition_dim: int | None = None):
         super().__init__()
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         self.transform = transform
         self.latent = latent
         self.condition_dim = condition_dim
         self.event_shape: tuple[int, ...] = tuple(latent.event_shape)
 
-    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Same as :meth:`log_prob`."""
-        return self.log_prob(x, c)
-
-    def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Exact log-density ``[B]`` of each row of ``x`` given ``c`` (``[C]`` or ``[B, C]``)."""
-        check_data(x, self.event_shape)
-        c = check_condition(c, self.condition_dim, x.shape[0])
+    def _log_prob(self, x: Tensor, c: Tensor | None) -> Tensor:
         z, log_det = self.transform(x, c)
         return self.latent.log_prob(z) + log_det
 
-    def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Like :meth:`sample`, with gradients to the parameters (reparametrised draws)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        c = check_condition(c, self.condition_dim, n)
-        z = self.latent.sample(n, generator=generator)
-        if c is not None:
-            z = z.to(c)
-        return self.transform.inverse(z, c)
+    def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        return self.transform.inverse(self.latent.sample(n, generator=generator), c)
 
-    @torch.no_grad()
-    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws ``[n, *event_shape]``. With ``c`` of shape ``[C]``, all ``n`` draws are from
-        :math:`p(x \\mid c)`; with ``[n, C]``, one draw per row. No gradients (see :meth:`rsample`)."""
-        return self.rsample(n, c, generator)
-
-    @torch.no_grad()
-    def sample_and_log_prob(
-        self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
+    def _sample_and_log_prob(
+        self, n: int, c: Tensor | None, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """``n`` draws as :meth:`sample` and their exact log-density ``[n]`` (the draws are mapped
-        back through ``forward``, so this costs one pass in each direction)."""
-        x = self.rsample(n, c, generator)
-        return x, self.log_prob(x, c)
+        # the draws are mapped back through forward: one pass in each direction
+        x = self._rsample(n, c, generator)
+        return x, self._log_prob(x, c)
 
-    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
+    def _loss(self, x: Tensor, c: Tensor | None) -> Loss:
         """Maximum likelihood: ``value`` is the mean negative log-likelihood of the batch, and
         ``parts["nll"]`` its detached copy."""
-        nll = -self.log_prob(x, c).mean()
+        nll = -self._log_prob(x, c).mean()
         return Loss(nll, {"nll": nll.detach()})
 
 
@@ -136,6 +110,7 @@ class PlanarFlow(Flow):
     Training against an energy (reverse KL) would instead use :meth:`rsample`.
     """
 
+    @named_constructor
     def __init__(
         self,
         features: int,
@@ -146,7 +121,7 @@ class PlanarFlow(Flow):
         max_iter: int = 100,
     ):
         d = _features("PlanarFlow", features)
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         _positive(transforms=transforms, max_iter=max_iter)
         layers = [Planar(d, condition_dim, tol, max_iter) for _ in range(transforms)]
         super().__init__(ComposedTransform(*layers), StandardNormal(d), condition_dim)
@@ -156,6 +131,7 @@ class NICE(Flow):
     """NICE (Dinh et al., 2014): additive couplings with alternating halves, then a diagonal
     scaling; conditioners are MLPs of ``layers`` hidden layers of width ``hidden``."""
 
+    @named_constructor
     def __init__(
         self,
         features: int,
@@ -166,7 +142,7 @@ class NICE(Flow):
         layers: int = 2,
     ):
         d = _features("NICE", features, minimum=2)
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
         steps: list[Transform] = [
             AdditiveCoupling(d, half_mask(d, flip=k % 2 == 1), hidden, layers, condition_dim)
@@ -180,6 +156,7 @@ class RealNVP(Flow):
     """RealNVP (Dinh et al., 2017) on vectors: affine couplings with alternating halves and a
     soft-clamped log-scale (bound ``clamp``)."""
 
+    @named_constructor
     def __init__(
         self,
         features: int,
@@ -191,7 +168,7 @@ class RealNVP(Flow):
         clamp: float | None = 3.0,
     ):
         d = _features("RealNVP", features, minimum=2)
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
         steps = [
             AffineCoupling(d, half_mask(d, flip=k % 2 == 1), hidden, layers, condition_dim, clamp)
@@ -213,6 +190,7 @@ class Glow(Flow):
     ``min_std`` floors the standard deviation used by ActNorm's data-dependent initialisation.
     """
 
+    @named_constructor
     def __init__(
         self,
         event_shape: int | tuple[int, ...],
@@ -226,7 +204,7 @@ class Glow(Flow):
         min_std: float = 1e-3,
     ):
         shape = _event_shape(event_shape)
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         _positive(steps=steps, levels=levels, hidden=hidden, layers=layers)
         if len(shape) == 1:
             d = _features("Glow", shape, minimum=2)
@@ -256,6 +234,7 @@ class MAF(Flow):
 
     _layer = MaskedAutoregressive
 
+    @named_constructor
     def __init__(
         self,
         features: int,
@@ -267,7 +246,7 @@ class MAF(Flow):
         clamp: float | None = 3.0,
     ):
         d = _features(type(self).__name__, features)
-        _check_condition_dim(condition_dim)
+        check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
         natural = torch.arange(d)
         steps = [

@@ -74,12 +74,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .checks import check_condition, check_data, numel
-from .conditioning import accepts_condition, call_with_condition
-from .contract import Loss
+from .checks import check_condition_dim, numel
+from .conditioning import accepts_condition, call_with_condition, resolve_condition_dim
+from .contract import DensityModule, Loss
 from .hutchinson import HutchinsonMode, check_hutchinson, hutchinson_vectors
 from .inversion import DecoderInverse, decoder_tolerance, invert_decoder, invert_encoder
 from .jacobian import JacobianMode, log_abs_det, log_abs_det_jacobian, value_and_jacobian
+from .serialization import named_constructor
 from .tangents import Unsupported, dual_forward
 
 SurrogateMode = Literal["jvp", "vjp"]
@@ -91,19 +92,25 @@ SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
 JACOBIAN_ELEMENTS = 2**24
 
 
-class FreeFormFlow(nn.Module):
+class FreeFormFlow(DensityModule):
     r"""A normalizing flow from an encoder ``f`` and a decoder ``g`` of any architecture.
+
+    :meth:`resnet` builds one from ``features`` alone (residual MLPs), :meth:`egnn` one for
+    particle systems (equivariant graph networks and a mean-free latent).
 
     Args:
         encoder: network ``[B, *event] -> [B, *event]`` (data to latent).
         decoder: network ``[B, *event] -> [B, *event]`` (latent to data).
         latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and ``basis``.
+        condition_dim: number of condition features, or ``None``. Conditions go to both networks
+            (see :mod:`freeflows.conditioning`). A network that declares its condition size (a
+            ``condition_dim`` or ``condition_features`` attribute, as :class:`~freeflows.nets.ResNet`
+            does) must declare this one, else construction fails; with ``None`` the size the
+            networks declare is used (none: unconditional).
         beta: weight :math:`\beta \ge 0` of the reconstruction loss.
         hutchinson: distribution of the probe vectors, ``"gaussian"``, ``"rademacher"`` or
             ``"sphere"`` (see :mod:`freeflows.hutchinson`).
         hutchinson_samples: probes per sample ``K``; the surrogate is their average.
-        condition_dim: number of condition features, or ``None`` for an unconditional flow.
-            Conditions go to both networks (see :mod:`freeflows.conditioning`).
         jacobian_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` products for ``log_prob``.
         surrogate: how the surrogate is estimated (see the module docstring): ``"vjp"``
             (default, faster) takes :math:`v^\top J_g` by reverse mode through the decoder and
@@ -114,24 +121,37 @@ class FreeFormFlow(nn.Module):
             each decoder draw by :meth:`sample` (``0``, the default: the plain decoder draw).
     """
 
+    _settings = (
+        "beta",
+        "hutchinson",
+        "hutchinson_samples",
+        "jacobian_mode",
+        "surrogate",
+        "sample_refine_steps",
+        "solve_rtol",
+        "solve_max_jacobians",
+        "solve_restarts",
+    )
+
     def __init__(
         self,
         encoder: nn.Module,
         decoder: nn.Module,
         latent: nn.Module,
+        *,
+        condition_dim: int | None = None,
         beta: float = 10.0,
         hutchinson: HutchinsonMode = "gaussian",
         hutchinson_samples: int = 1,
-        condition_dim: int | None = None,
         jacobian_mode: JacobianMode = "auto",
         surrogate: SurrogateMode = "vjp",
         sample_refine_steps: int = 0,
     ):
         super().__init__()
-        if not isinstance(beta, (int, float)) or not beta >= 0:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-        if condition_dim is not None and (not isinstance(condition_dim, int) or condition_dim < 1):
-            raise ValueError(f"condition_dim must be a positive integer or None, got {condition_dim!r}")
+        check_condition_dim(condition_dim)
+        condition_dim = resolve_condition_dim(condition_dim, {"encoder": encoder, "decoder": decoder})
         if jacobian_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jacobian_mode {jacobian_mode!r}; choose auto, forward or reverse")
         if surrogate not in SURROGATE_MODES:
@@ -158,6 +178,102 @@ class FreeFormFlow(nn.Module):
         self._encoder_takes_c = accepts_condition(encoder)
         self._decoder_takes_c = accepts_condition(decoder)
 
+    @classmethod
+    @named_constructor
+    def resnet(
+        cls,
+        features: int,
+        condition_dim: int | None = None,
+        *,
+        hidden: int = 128,
+        depth: int = 2,
+        blocks: int = 3,
+        beta: float = 10.0,
+        hutchinson: HutchinsonMode = "gaussian",
+        hutchinson_samples: int = 1,
+        jacobian_mode: JacobianMode = "auto",
+        surrogate: SurrogateMode = "vjp",
+        sample_refine_steps: int = 0,
+    ) -> FreeFormFlow:
+        r"""A free-form flow on vectors of ``features`` numbers: encoder and decoder are
+        :class:`~freeflows.nets.ResNet` residual MLPs of the same size (``blocks`` residual
+        blocks, each ``depth`` hidden layers of width ``hidden``, starting as the identity), and
+        the latent is a standard normal. The other options are those of :class:`FreeFormFlow`.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, condition_dim=3, hidden=32)
+            >>> flow.sample(5, torch.randn(4, 3)).shape
+            torch.Size([5, 4, 2])
+        """
+        from .distributions import StandardNormal
+        from .nets.resnet import ResNet
+
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive integer, got {features!r}")
+        check_condition_dim(condition_dim)
+
+        def net() -> ResNet:
+            return ResNet(features, hidden, depth, blocks, condition_features=condition_dim or 0)
+
+        return cls(
+            net(),
+            net(),
+            StandardNormal(features),
+            condition_dim=condition_dim,
+            beta=beta,
+            hutchinson=hutchinson,
+            hutchinson_samples=hutchinson_samples,
+            jacobian_mode=jacobian_mode,
+            surrogate=surrogate,
+            sample_refine_steps=sample_refine_steps,
+        )
+
+    @classmethod
+    @named_constructor
+    def egnn(
+        cls,
+        n_particles: int,
+        n_dims: int,
+        condition_dim: int | None = None,
+        *,
+        hidden: int = 32,
+        layers: int = 3,
+        attention: bool = True,
+        beta: float = 10.0,
+        hutchinson: HutchinsonMode = "gaussian",
+        hutchinson_samples: int = 1,
+        jacobian_mode: JacobianMode = "auto",
+        surrogate: SurrogateMode = "vjp",
+        sample_refine_steps: int = 0,
+    ) -> FreeFormFlow:
+        r"""A free-form flow on ``n_particles`` points in ``n_dims`` dimensions (events of
+        ``n_particles * n_dims`` numbers, particle-major): encoder and decoder are
+        :class:`~freeflows.nets.EGNN` flow maps (``layers`` layers of width ``hidden``, message
+        gates if ``attention``; a condition is added to every node's features), and the latent is
+        :class:`~freeflows.distributions.MeanFreeNormal`, so densities are with respect to the
+        :math:`(N-1)d`-dimensional zero-centre-of-mass subspace."""
+        from .distributions import MeanFreeNormal
+        from .nets.egnn import EGNN
+
+        check_condition_dim(condition_dim)
+
+        def net() -> EGNN:
+            return EGNN(n_particles, n_dims, hidden, layers, attention, condition_features=condition_dim or 0)
+
+        return cls(
+            net(),
+            net(),
+            MeanFreeNormal(n_particles, n_dims),
+            condition_dim=condition_dim,
+            beta=beta,
+            hutchinson=hutchinson,
+            hutchinson_samples=hutchinson_samples,
+            jacobian_mode=jacobian_mode,
+            surrogate=surrogate,
+            sample_refine_steps=sample_refine_steps,
+        )
+
     # -- the two networks ---------------------------------------------------------------------
     def encode(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """:math:`z = f(x)` (data to latent)."""
@@ -178,20 +294,18 @@ class FreeFormFlow(nn.Module):
                 f"the {name} maps {tuple(inp.shape)} to {tuple(out.shape)}; it must keep the shape"
             )
 
-    def _inputs(self, x: Tensor, c: Tensor | None) -> Tensor | None:
-        check_data(x, self.event_shape)
-        return check_condition(c, self.condition_dim, x.shape[0])
-
     # -- the model contract -------------------------------------------------------------------
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
-        """The free-form objective of a batch (see the module docstring).
+        """The free-form objective of a batch ``[*batch, *event]`` (see the module docstring).
 
         ``Loss.parts``: ``latent_nll`` is :math:`-\\log p_Z(f(x))`, the latent term only (the
         surrogate is not a log-determinant, so this is not a likelihood); ``reconstruction`` is
         :math:`\\lVert x - g(f(x))\\rVert^2`; both
         are batch means, detached.
         """
-        c = self._inputs(x, c)
+        return super().loss(x, c)
+
+    def _loss(self, x: Tensor, c: Tensor | None) -> Loss:
         batch, k = x.shape[0], self.hutchinson_samples
         v = hutchinson_vectors(
             k,
@@ -299,8 +413,11 @@ class FreeFormFlow(nn.Module):
         do not converge from there start again from the best of ``solve_restarts`` latent draws
         :math:`z_j \sim p_Z` (the one whose :math:`g(z_j)` is nearest to :math:`x`; the draws
         come from a fixed seed, so the result is deterministic). ``converged`` says which rows
-        are within the tolerance."""
-        c = self._inputs(x, c)
+        are within the tolerance. The rows are those of the flattened batch, ``[B, *event]``."""
+        x, c, _ = self._check(x, c)
+        return self._invert_decoder(x, c, chunk_size)
+
+    def _invert_decoder(self, x: Tensor, c: Tensor | None, chunk_size: int | None) -> DecoderInverse:
         vj = self._decoder_value_and_jacobian(self._chunk(chunk_size))
         basis = getattr(self.latent, "basis", None)
         x = x.detach()
@@ -353,7 +470,8 @@ class FreeFormFlow(nn.Module):
         variant: DensityVariant | None = None,
         chunk_size: int | None = None,
     ) -> Tensor:
-        r"""Log-density ``[B]`` (nats).
+        r"""Log-density ``[*batch]`` (nats) of ``x`` (``[*batch, *event]``) given ``c``
+        (``[C]`` or broadcastable to ``[*batch, C]``).
 
         ``variant`` (default :attr:`density`, the distribution that :meth:`sample` draws from):
 
@@ -385,7 +503,15 @@ class FreeFormFlow(nn.Module):
             >>> flow.log_prob(x).shape
             torch.Size([5])
         """
-        c = self._inputs(x, c)
+        return self._per_row(self._log_prob, x, c, variant=variant, chunk_size=chunk_size)
+
+    def _log_prob(
+        self,
+        x: Tensor,
+        c: Tensor | None,
+        variant: DensityVariant | None = None,
+        chunk_size: int | None = None,
+    ) -> Tensor:
         variant = self.density if variant is None else variant
         if variant not in DENSITY_VARIANTS:
             choices = ", ".join(DENSITY_VARIANTS)
@@ -413,7 +539,7 @@ class FreeFormFlow(nn.Module):
 
     def _decoder_log_prob(self, x: Tensor, c: Tensor | None, chunk: int) -> Tensor:
         basis = getattr(self.latent, "basis", None)
-        solve = self.invert_decoder(x, c, chunk_size=chunk)
+        solve = self._invert_decoder(x, c, chunk)
         grads = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.decoder.parameters())
         )
@@ -445,7 +571,7 @@ class FreeFormFlow(nn.Module):
                 f"{int(failed.sum())} of {x.shape[0]} rows: the solve g(z) = x did not converge "
                 "(the point may lie outside the decoder's range); their log_prob is NaN",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
             log_prob = torch.where(failed, torch.full_like(log_prob, float("nan")), log_prob)
         return log_prob
@@ -456,12 +582,11 @@ class FreeFormFlow(nn.Module):
         """Batch means of the reconstruction error and of the gap between the encoder-based
         log-density and ``log_prob`` (the model's own density, ``log_prob_gap``; rows whose solve
         failed are left out). A growing gap means ``beta`` is too small. Pass ``log_prob`` if it
-        is already computed."""
-        c = self._inputs(x, c)
+        is already computed (for the flattened batch, ``[B]``)."""
+        x, c, _ = self._check(x, c)
         reconstruction = (x - self.decode(self.encode(x, c), c)).reshape(x.shape[0], -1).square().sum(1)
-        if log_prob is None:
-            log_prob = self.log_prob(x, c)
-        gap = (self.log_prob(x, c, variant="encoder") - log_prob).abs()
+        log_prob = self._log_prob(x, c) if log_prob is None else log_prob.reshape(-1)
+        gap = (self._log_prob(x, c, variant="encoder") - log_prob).abs()
         return {"reconstruction": reconstruction.mean().detach(), "log_prob_gap": gap.nanmean().detach()}
 
     @property
@@ -473,33 +598,29 @@ class FreeFormFlow(nn.Module):
             "surrogate gradient needs"
         )
 
-    def _latent_draws(self, n: int, c: Tensor | None, generator: torch.Generator | None):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        c = check_condition(c, self.condition_dim, n)
-        z = self.latent.sample(n, generator=generator)
-        if c is not None:
-            z = z.to(c)
-        return z, c
-
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Like :meth:`sample` with ``sample_refine_steps = 0``, with gradients to the decoder's
         parameters (a reparametrised draw :math:`g(z)`). Refined draws are not reparametrised."""
+        return super().rsample(n, c, generator)
+
+    def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
         if self.sample_refine_steps:
             raise ValueError(
                 "rsample draws g(z) without refinement; set sample_refine_steps = 0 to use it"
             )
-        z, c = self._latent_draws(n, c, generator)
-        return self.decode(z, c)
+        return self.decode(self.latent.sample(n, generator=generator), c)
 
     @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass), each refined towards
         :math:`f^{-1}(z)` by ``sample_refine_steps`` steps of
-        :func:`~freeflows.inversion.invert_encoder` if that is positive. With ``c`` of shape
-        ``[C]``, all ``n`` draws are from :math:`p(x \\mid c)`; with ``[n, C]``, one per row.
-        No gradients (see :meth:`rsample`)."""
-        z, c = self._latent_draws(n, c, generator)
+        :func:`~freeflows.inversion.invert_encoder` if that is positive. Shape ``[n, *event]``,
+        or ``[n, *cbatch, *event]`` with ``c`` of shape ``[*cbatch, C]`` (``n`` draws for each
+        condition). No gradients (see :meth:`rsample`)."""
+        return super().sample(n, c, generator)
+
+    def _sample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        z = self.latent.sample(n, generator=generator)
         if self.sample_refine_steps == 0:
             return self.decode(z, c)
         x, _ = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
@@ -509,8 +630,8 @@ class FreeFormFlow(nn.Module):
     def sample_and_log_prob(
         self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""``n`` draws as :meth:`sample` and the exact log-density ``[n]`` of each under the
-        distribution that drew it, without a root solve.
+        r"""Draws as :meth:`sample` and the exact log-density (``[n, *cbatch]``) of each under
+        the distribution that drew it, without a root solve.
 
         * Decoder draws: :math:`\log p_Z(z) - \log\lvert\det J_g(z)\rvert` at the drawn
           :math:`z` (the pushforward density where :math:`g` is injective).
@@ -518,13 +639,18 @@ class FreeFormFlow(nn.Module):
           draws whose refinement did not reach :math:`f(x) = z` within the tolerance of
           :func:`~freeflows.inversion.decoder_tolerance` get NaN and a warning.
         """
-        z, c = self._latent_draws(n, c, generator)
+        return super().sample_and_log_prob(n, c, generator)
+
+    def _sample_and_log_prob(
+        self, n: int, c: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        z = self.latent.sample(n, generator=generator)
         basis = getattr(self.latent, "basis", None)
         if self.sample_refine_steps == 0:
             x, jac = self._decoder_value_and_jacobian(self._chunk(None))(z, c)
             return x, self.latent.log_prob(z) - log_abs_det(jac, basis)
         x, residual = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
-        log_q = self.log_prob(x, c, variant="encoder")
+        log_q = self._log_prob(x, c, variant="encoder")
         failed = ~(residual <= decoder_tolerance(z, self.solve_rtol))
         if bool(failed.any()):
             warnings.warn(

@@ -1,8 +1,9 @@
 """Builder of the continuous normalizing flow by name, for the tool.
 
-``CNF_BUILDERS["cnf"](event_shape, condition_dim, **options)`` returns a
-:class:`~freeflows.continuous.CNF` with a :class:`~freeflows.nets.velocity.TimeMLP` velocity on
-the flattened event and a standard normal latent. Any option not listed in ``build.options``
+``CNF_BUILDERS["cnf"](event_shape, condition_dim, **options)`` returns
+``CNF(event_shape, condition_dim, ...)`` (:class:`~freeflows.continuous.CNF`: a
+:class:`~freeflows.nets.velocity.TimeMLP` velocity on the flattened event and a standard normal
+latent). Any option not listed in ``build.options``
 raises :class:`ValueError` listing the valid ones. This module imports torchdiffeq only when a
 model is solved, not when it is imported.
 """
@@ -14,10 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checks import check_options, numel
+from ..checks import check_options
 from ..continuous import CNF
-from ..distributions import StandardNormal
-from ..nets.velocity import TimeMLP
 
 #: The trace, ODE solver and regulariser options shared by every CNF kind (``cnf``, ``ecnf``).
 SOLVER_DEFAULTS: dict[str, Any] = {
@@ -58,18 +57,14 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
     check_options("cnf", options, DEFAULTS)
     opts = {**DEFAULTS, **options}
     shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-    features = numel(shape) + int(opts["augment_dims"])
-    velocity = TimeMLP(
-        features,
-        hidden=opts["hidden"],
-        layers=opts["layers"],
-        condition_dim=condition_dim or 0,
-        activation=opts["activation"],
-    )
     regularization = {"kinetic": opts["kinetic"], "jacobian": opts["jacobian"]}
     return CNF(
-        velocity,
-        StandardNormal(*shape),
+        shape,
+        condition_dim,
+        hidden=opts["hidden"],
+        layers=opts["layers"],
+        activation=opts["activation"],
+        augment_dims=opts["augment_dims"],
         trace=opts["trace"],
         hutchinson=opts["hutchinson"],
         solver=opts["solver"],
@@ -80,8 +75,6 @@ def build(event_shape: tuple[int, ...] | int, condition_dim: int | None = None, 
         step_size=opts["step_size"],
         adjoint=opts["adjoint"],
         regularization=regularization,
-        augment_dims=opts["augment_dims"],
-        condition_dim=condition_dim,
         t1=opts["t1"],
         chunk_size=opts["chunk_size"],
         max_num_steps=opts["max_num_steps"],

@@ -15,9 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..checks import check_options
-from ..distributions import StandardNormal
 from ..freeform import FreeFormFlow
-from ..nets.resnet import ResNet
 from .classic_builders import CLASSIC_BUILDERS
 from .particle_builders import PARTICLE_BUILDERS, PARTICLE_DEFAULTS
 
@@ -34,25 +32,22 @@ FFF_DEFAULTS: dict[str, Any] = {
 
 
 def build_fff(event_shape: tuple[int, ...], condition_dim: int | None = None, **options: Any) -> nn.Module:
-    """A free-form flow with residual-MLP encoder and decoder of the same size."""
+    """A free-form flow with residual-MLP encoder and decoder of the same size
+    (:meth:`FreeFormFlow.resnet <freeflows.freeform.FreeFormFlow.resnet>`)."""
     check_options("fff", options, FFF_DEFAULTS)
     o = {**FFF_DEFAULTS, **options}
     if len(event_shape) != 1:
         raise ValueError(f"the fff model works on vectors; got event shape {tuple(event_shape)}")
-    d, cdim = event_shape[0], condition_dim or 0
-
-    def net() -> ResNet:
-        return ResNet(d, o["hidden"], o["depth"], o["blocks"], condition_features=cdim)
-
-    return FreeFormFlow(
-        net(),
-        net(),
-        StandardNormal(d),
+    return FreeFormFlow.resnet(
+        event_shape[0],
+        condition_dim,
+        hidden=o["hidden"],
+        depth=o["depth"],
+        blocks=o["blocks"],
         beta=o["beta"],
         hutchinson=o["hutchinson"],
         hutchinson_samples=o["hutchinson_samples"],
         surrogate=o["surrogate"],
-        condition_dim=condition_dim,
         sample_refine_steps=o["sample_refine_steps"],
     )
 

@@ -23,9 +23,7 @@ from torch import nn
 
 from ..checks import check_options
 from ..continuous import CNF
-from ..distributions import MeanFreeNormal
 from ..freeform import FreeFormFlow
-from ..nets.egnn import EGNN, EGNNVelocity
 from .cnf_builders import SOLVER_DEFAULTS
 
 #: Options of ``fff-egnn`` and their defaults.
@@ -75,20 +73,17 @@ def build_fff_egnn(
     A condition ``c`` (``condition_dim`` features) is added to every node's initial features."""
     o = _options("fff-egnn", FFF_EGNN_DEFAULTS, options)
     n, d = particle_shape("fff-egnn", event_shape, meta)
-    cdim = condition_dim or 0
-
-    def net() -> EGNN:
-        return EGNN(n, d, o["hidden"], o["layers"], o["attention"], condition_features=cdim)
-
-    return FreeFormFlow(
-        net(),
-        net(),
-        MeanFreeNormal(n, d),
+    return FreeFormFlow.egnn(
+        n,
+        d,
+        condition_dim,
+        hidden=o["hidden"],
+        layers=o["layers"],
+        attention=o["attention"],
         beta=o["beta"],
         hutchinson=o["hutchinson"],
         hutchinson_samples=o["hutchinson_samples"],
         surrogate=o["surrogate"],
-        condition_dim=condition_dim,
     )
 
 
@@ -104,10 +99,12 @@ def build_ecnf(
     if condition_dim:
         raise ValueError("ecnf is unconditional; this data set has conditions")
     n, d = particle_shape("ecnf", event_shape, meta)
-    velocity = EGNNVelocity(n, d, hidden=o["hidden"], layers=o["layers"], attention=o["attention"])
-    return CNF(
-        velocity,
-        MeanFreeNormal(n, d),
+    return CNF.egnn(
+        n,
+        d,
+        hidden=o["hidden"],
+        layers=o["layers"],
+        attention=o["attention"],
         trace=o["trace"],
         hutchinson=o["hutchinson"],
         solver=o["solver"],
