@@ -61,7 +61,9 @@ def _positive(**values: int) -> None:
 class Flow(DensityModule):
     r"""A normalizing flow ``x = transform.inverse(z, c)``, ``z ~ latent``, with the public
     methods of :class:`~freeflows.contract.DensityModule` (any batch shape; ``sample(n, c)`` with
-    ``c`` of shape ``[B, C]`` gives ``[n, B, *event]``).
+    ``c`` of shape ``[B, C]`` gives ``[n, B, *event]``). ``loss`` is maximum likelihood: its
+    ``value`` is the mean negative log-likelihood of the batch, and ``parts["nll"]`` its detached
+    copy. ``sample_and_log_prob`` maps the draws back through ``forward`` (one pass each way).
 
     Args:
         transform: the bijection, ``forward`` data → latent.
@@ -88,13 +90,10 @@ class Flow(DensityModule):
     def _sample_and_log_prob(
         self, n: int, c: Tensor | None, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        # the draws are mapped back through forward: one pass in each direction
         x = self._rsample(n, c, generator)
         return x, self._log_prob(x, c)
 
     def _loss(self, x: Tensor, c: Tensor | None) -> Loss:
-        """Maximum likelihood: ``value`` is the mean negative log-likelihood of the batch, and
-        ``parts["nll"]`` its detached copy."""
         nll = -self._log_prob(x, c).mean()
         return Loss(nll, {"nll": nll.detach()})
 
