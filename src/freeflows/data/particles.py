@@ -22,7 +22,7 @@ The factor 2 is the convention of the shipped data (the pair sum there runs over
   repository jarridrb/DEM (MIT licence), commit 8e95319. The DW4 files are not centred; they are
   centred when loaded.
 * ``train_mcmc_LJ13.npy`` (20000 x 39, float32): generated here by :func:`metropolis` with
-  ``benchmarks/make_lj13_train.py`` (its docstring gives the seed and the procedure).
+  ``scripts/make_lj13_train.py`` (its docstring gives the seed and the procedure).
 
 **Splits.** The test split of either system is fixed (it does not depend on ``seed``) and is
 never used for training or model selection:

@@ -23,7 +23,7 @@ and that the mean energy settles after about 8000 steps from the lattice.
 The script then compares the result with the shipped LJ13 file (mean energy, and the
 Wasserstein-1 distance and total-variation distance between the pair-distance histograms).
 
-    python benchmarks/make_lj13_train.py [--chains 1000 --burn-in 20000 --steps 40000 --thin 2000]
+    python scripts/make_lj13_train.py [--chains 1000 --burn-in 20000 --steps 40000 --thin 2000]
 """
 
 from __future__ import annotations
