@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -183,8 +184,8 @@ def _train(args: argparse.Namespace) -> int:
                 if isinstance(metrics[key], float)
                 else f"  {key}: {metrics[key]}"
             )
-    plots = ", ".join(metrics.get("plots", []))
-    print(f"  files: config.yaml, checkpoints/, metrics.json, metrics.csv, {plots}")
+    files = ["config.yaml", "checkpoints/", "metrics.json", "metrics.csv", *metrics.get("plots", [])]
+    print(f"  files: {', '.join(files)}")
     return 0
 
 
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as err:  # SIGINT/SIGTERM: last.ckpt was written on the way out
-        print(f"freeflows: {interrupted_message(err.run_dir)}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            print(f"freeflows: {interrupted_message(err.run_dir)}", file=sys.stderr)  # once, not per rank
         return err.exit_status
     except ImportError as err:
         return _missing_extra(err)

@@ -85,7 +85,7 @@ class StepProgressBar(ProgressBar):
         step_mark = max(1, int(self._total * self.log_fraction))
         self._next_mark = (self._start // step_mark + 1) * step_mark
         if tty:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self._bar = tqdm(
                 total=self._total,

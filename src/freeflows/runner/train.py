@@ -136,11 +136,11 @@ def train(
     checkpoint.install()
     try:
         cbs = [
+            *([StepProgressBar()] if tr["progress_bar"] else []),  # first: it shows the step a stop saves
             ModelCheckpoint(
                 ckpt_dir, "best", monitor="val/nll", mode="min", save_top_k=1, enable_version_counter=False
             ),
             checkpoint,
-            *([StepProgressBar()] if tr["progress_bar"] else []),
             *(callbacks or []),
         ]
         if tr["early_stopping_patience"]:
