@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,18 +129,30 @@ def fff_densities(flow: nn.Module) -> dict[str, Density]:
 
 
 def fff_contender(
-    name: str, flow: nn.Module, cycle_weight: float = 0.0, cycle_space: str = "latent", note: str = ""
+    name: str,
+    flow: nn.Module,
+    cycle: float = 0.0,
+    cycle_space: str = "latent",
+    decoder_nll: float = 0.0,
+    decoder_nll_rows: int = 128,
+    note: str = "",
 ) -> Contender:
-    r"""The free-form flow with its own loss ``flow.loss(x).value``, plus, if ``cycle_weight``
-    :math:`\lambda > 0`, a cycle term on latent draws :math:`z \sim p_Z` (as many as the batch):
+    r"""The free-form flow with its own loss ``flow.loss(x).value``, plus optional training terms
+    that aim at the density of its draws (issue 14 item 7):
 
-    * ``cycle_space="latent"``: :math:`\lambda\,\lVert f(g(z)) - z\rVert^2`;
-    * ``cycle_space="data"``: :math:`\lambda\,\lVert g(f(g(z))) - g(z)\rVert^2`, the reconstruction
-      error on the model's own draws.
+    * ``cycle`` :math:`\lambda > 0`: a cycle term on latent draws :math:`z \sim p_Z` (as many as
+      the batch), :math:`\lambda\,\lVert f(g(z)) - z\rVert^2` (``cycle_space="latent"``) or the
+      reconstruction error of the model's own draws :math:`\lambda\,\lVert g(f(g(z))) -
+      g(z)\rVert^2` (``"data"``). Both make the decoder invert the encoder where ``sample()``
+      puts its mass, so that the paper's value :math:`\log p_Z(f(x)) - \log\lvert\det
+      J_g(f(x))\rvert` and the density of the draws agree there;
+    * ``decoder_nll`` :math:`\mu > 0`: :math:`\mu` times the mean negative normalised
+      log-density of the draws' distribution, :math:`-\log p_Z(z^*) + \log\lvert\det
+      J_g(z^*)\rvert` with :math:`g(z^*) = x`, on the first ``decoder_nll_rows`` rows of the batch
+      (``flow.log_prob`` with gradients: the root is differentiated implicitly). Rows whose solve
+      fails are left out of the term. This trains the decoder's pushforward by maximum likelihood,
+      the quantity that is evaluated.
 
-    Both make the decoder invert the encoder where ``sample()`` puts its mass, so that the paper's
-    value :math:`\log p_Z(f(x)) - \log\lvert\det J_g(f(x))\rvert` and the density of the draws
-    (:math:`\log p_Z(z^*) - \log\lvert\det J_g(z^*)\rvert` with :math:`g(z^*) = x`) agree there.
     Gradients flow into both networks. Squared norms are summed over dimensions, averaged over
     the batch.
     """
@@ -148,7 +161,7 @@ def fff_contender(
 
     def loss(x: Tensor) -> Tensor:
         value = flow.loss(x).value
-        if cycle_weight > 0:
+        if cycle > 0:
             z = flow.latent.sample(x.shape[0]).to(x)
             x_gen = flow.decode(z)
             z_back = flow.encode(x_gen)
@@ -156,7 +169,14 @@ def fff_contender(
                 err = (z_back - z).reshape(x.shape[0], -1).square().sum(1)
             else:
                 err = (flow.decode(z_back) - x_gen).reshape(x.shape[0], -1).square().sum(1)
-            value = value + cycle_weight * err.mean()
+            value = value + cycle * err.mean()
+        if decoder_nll > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # failed rows are NaN, left out
+                log_q = flow.log_prob(x[:decoder_nll_rows])
+            ok = torch.isfinite(log_q)
+            if bool(ok.any()):
+                value = value - decoder_nll * log_q[ok].mean()
         return value
 
     return Contender(name=name, model=flow, loss=loss, densities=fff_densities(flow), note=note)
@@ -303,12 +323,21 @@ def _mean_stderr(v: Tensor) -> tuple[float, float]:
 
 
 def evaluate_density(
-    density: Density, x: Tensor, true_log_prob: LogProb | None, chunk: int = 1000
+    density: Density,
+    x: Tensor,
+    true_log_prob: LogProb | None,
+    chunk: int = 1000,
+    mass_data: Tensor | None = None,
 ) -> dict[str, Any]:
     """Test metrics of one log-density on ``x``: NLL and (with the true density)
     :math:`\\mathrm{KL}(p\\|q) = \\mathbb E_p[\\log p - \\log q]`, each as mean and standard error
     over the rows whose value is finite; the count of rows that are not (a failed solve gives NaN);
-    the CPU seconds of the evaluation."""
+    the CPU seconds of the evaluation.
+
+    With ``mass_data`` (points the estimate must cover, e.g. the training split), also the mass
+    :math:`M = \\int \\exp \\log q` (:func:`freeflows.eval.mass.density_mass`: quadrature in 1 and
+    2 dimensions, NaN points counted as zero) and the NLL and KL of the mass-normalised density
+    :math:`q / M` (``+ \\log M``); for a normalised density, :math:`M = 1` checks it."""
     start = time.process_time()
     parts = []
     for i in range(0, x.shape[0], chunk):
@@ -328,4 +357,25 @@ def evaluate_density(
         log_p = true_log_prob(x).detach()
         out["kl"], out["kl_stderr"] = _mean_stderr((log_p - log_q)[finite])
         out["true_nll"] = float(-log_p.double().mean())
+    if mass_data is not None:
+        from freeflows.eval.mass import density_mass
+
+        def fn(rows: Tensor) -> Tensor:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # unsolved points are counted
+                return density.fn(rows).detach()
+
+        start = time.process_time()
+        m = density_mass(fn, mass_data)
+        out.update(
+            mass=m.mass,
+            mass_stderr=m.stderr,
+            mass_method=m.method,
+            mass_evaluations=m.n,
+            mass_unsolved=m.unsolved,
+            mass_cpu_seconds=time.process_time() - start,
+            nll_mass_normalised=out["nll"] + m.log_mass,
+        )
+        if "kl" in out:
+            out["kl_mass_normalised"] = out["kl"] + m.log_mass
     return out

@@ -7,8 +7,12 @@ Models (``--models``), all trained by :mod:`peer_baseline`'s loop on the same da
 * ``nsf``: ``zuko.flows.NSF(features)`` with zuko's defaults (the peer);
 * ``maf``: ``zuko.flows.MAF(features)`` with zuko's defaults (reference);
 * ``realnvp``: freeflows' RealNVP with its ``model.realnvp`` defaults (reference; needs 2-D);
-* ``fff-cycle``: the preset's free-form flow plus a cycle term on latent draws (``--cycle``,
-  issue 14 item 7; see :func:`peer_baseline.fff_contender`).
+* ``--fff-variant SPEC``: further free-form flow rows, the preset's with some changes, to try to
+  fix its normalised density in training (issue 14 item 7). ``SPEC`` is ``key=value,...`` with
+  keys among the preset's ``model.fff`` options (e.g. ``beta=50``) and the extra loss terms of
+  :func:`peer_baseline.fff_contender`: ``cycle`` (weight of ‖f(g(z)) − z‖² on latent draws),
+  ``cycle_space`` (``latent`` or ``data``: ‖g(f(g(z))) − g(z)‖²), ``decoder_nll`` (weight of the
+  normalised NLL of the draws' distribution on ``decoder_nll_rows`` rows of each batch).
 
 Data sets: the presets ``eight-gaussians``, ``two-moons`` and ``gaussian-mixture-1d`` (data and
 train/test split from the preset with the run's seed). Budgets (``--budgets``): ``cpu``, the same
@@ -66,48 +70,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument(
-        "--cycle",
+        "--fff-variant",
         nargs="*",
         default=[],
-        metavar="LAMBDA[:data]",
-        help="extra free-form flow rows with a cycle term of this weight on latent draws, "
-        "||f(g(z)) - z||^2, or with ':data' ||g(f(g(z))) - g(z)||^2 (issue 14 item 7)",
+        metavar="KEY=VALUE,...",
+        help="extra free-form flow rows: preset model.fff options and/or the loss terms cycle, "
+        "cycle_space, decoder_nll, decoder_nll_rows (issue 14 item 7)",
     )
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
     p.add_argument("--cpu-seconds", type=float, default=60.0, help="CPU-time budget per model")
     p.add_argument("--steps", type=int, default=2000, help="steps per model for the equal-steps budget")
     p.add_argument("--slice", type=float, default=1.0, help="CPU seconds per turn (interleaving)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--no-mass",
+        dest="mass",
+        action="store_false",
+        help="skip the mass of each density (quadrature; about 40k log_prob calls in 2-D)",
+    )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--workers", type=int, default=1, help="processes, one task (data set, seed, budget) each")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="peer_toys", help="file stem of the JSON and Markdown")
     args = p.parse_args(argv)
-    for spec in args.cycle:
-        _parse_cycle(spec)
+    for spec in args.fff_variant:
+        _parse_variant(spec, set())
     if args.cpu_seconds <= 0 or args.steps < 1 or args.slice <= 0 or args.workers < 1:
         p.error("--cpu-seconds, --steps, --slice and --workers must be positive")
     return args
 
 
-def _parse_cycle(spec: str) -> tuple[float, str]:
-    weight, _, space = spec.partition(":")
-    try:
-        lam = float(weight)
-    except ValueError:
-        raise SystemExit(f"--cycle: {spec!r} is not a number (optionally followed by ':data')") from None
-    if lam <= 0 or space not in ("", "latent", "data"):
-        raise SystemExit(f"--cycle: {spec!r} must be a positive weight, optionally ':data'")
-    return lam, space or "latent"
+LOSS_TERMS = {"cycle": float, "cycle_space": str, "decoder_nll": float, "decoder_nll_rows": int}
 
 
-def _cycle_name(lam: float, space: str) -> str:
-    term = "‖f(g(z))−z‖²" if space == "latent" else "‖g(f(g(z)))−g(z)‖²"
-    return f"fff + {lam:g}·{term}"
+def _parse_variant(spec: str, fff_options: set[str]) -> tuple[list[str], dict[str, Any]]:
+    """``"beta=50,cycle=1"`` -> (config overrides ``["model.fff.beta=50"]``, loss terms
+    ``{"cycle": 1.0}``). Keys that are not loss terms must be in ``fff_options`` (unchecked when
+    it is empty)."""
+    overrides: list[str] = []
+    terms: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--fff-variant: {item!r} in {spec!r} is not key=value")
+        if key in LOSS_TERMS:
+            try:
+                terms[key] = LOSS_TERMS[key](value)
+            except ValueError:
+                raise SystemExit(f"--fff-variant: {key} must be a {LOSS_TERMS[key].__name__}") from None
+        elif fff_options and key not in fff_options:
+            known = ", ".join(sorted(fff_options | set(LOSS_TERMS)))
+            raise SystemExit(f"--fff-variant: unknown key {key!r}; choose among {known}")
+        else:
+            overrides.append(f"model.fff.{key}={value}")
+    return overrides, terms
 
 
 def build_contenders(
-    dataset: str, seed: int, models: list[str], cycles: list[str]
+    dataset: str, seed: int, models: list[str], variants: list[str]
 ) -> tuple[Any, list[Contender], dict[str, Any], list[str]]:
     """The data set (the preset's, with ``seed``), the contenders, the preset's config, and
     notes on models skipped. Each model's initial weights come from ``torch.manual_seed(seed)``."""
@@ -121,15 +141,13 @@ def build_contenders(
     contenders: list[Contender] = []
     skipped: list[str] = []
 
-    def fff_flow() -> Any:
-        torch.manual_seed(seed)
-        return build_model(cfg["model"], data.event_shape, None)
-
     opts = ", ".join(f"{k}={v}" for k, v in cfg["model"]["fff"].items())
     for kind in models:
         torch.manual_seed(seed)
         if kind == "fff":
-            contenders.append(fff_contender("fff", fff_flow(), note=f"preset {dataset}: {opts}"))
+            contenders.append(
+                fff_contender("fff", build_model(cfg["model"], data.event_shape, None), note=opts)
+            )
         elif kind in ("nsf", "maf"):
             contenders.append(zuko_contender(kind, features))
         elif kind == "realnvp":
@@ -141,13 +159,12 @@ def build_contenders(
                 continue
             ropts = ", ".join(f"{k}={v}" for k, v in rcfg["model"]["realnvp"].items())
             contenders.append(exact_flow_contender("freeflows RealNVP", model, note=ropts))
-    for spec in cycles:
-        lam, space = _parse_cycle(spec)
-        contenders.append(
-            fff_contender(
-                _cycle_name(lam, space), fff_flow(), lam, space, note=f"preset fff, cycle λ={lam:g}"
-            )
-        )
+    for spec in variants:
+        overrides, terms = _parse_variant(spec, set(cfg["model"]["fff"]))
+        vcfg = load_config(dataset, [f"seed={seed}", *overrides])
+        torch.manual_seed(seed)
+        flow = build_model(vcfg["model"], data.event_shape, None)
+        contenders.append(fff_contender(f"fff ({spec.replace(',', ', ')})", flow, **terms, note=spec))
     return data, contenders, cfg, skipped
 
 
@@ -155,7 +172,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate every contender on one (data set, seed, budget)."""
     torch.set_num_threads(1)
     dataset, seed, budget = task["dataset"], task["seed"], task["budget"]
-    data, contenders, cfg, skipped = build_contenders(dataset, seed, task["models"], task["cycle"])
+    data, contenders, cfg, skipped = build_contenders(dataset, seed, task["models"], task["fff_variant"])
     settings = TrainSettings(
         lr=task["lr"] or cfg["optim"]["lr"],
         batch_size=cfg["trainer"]["batch_size"],
@@ -183,7 +200,9 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             "diverged": t.diverged,
             "final_train_loss": sum(t.last_losses) / max(1, len(t.last_losses)),
             "densities": {
-                label: evaluate_density(d, data.test.x, data.true_log_prob)
+                label: evaluate_density(
+                    d, data.test.x, data.true_log_prob, mass_data=data.train.x if task["mass"] else None
+                )
                 for label, d in c.densities.items()
             },
         }
@@ -250,8 +269,18 @@ def summarise(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         budget, dataset, model, label = key
         metric = "kl" if "kl" in entries[0][1] else "nll"
         mean, se = _mean_se([d[metric] for _, d in entries], entries[0][1][f"{metric}_stderr"])
+        extra: dict[str, Any] = {}
+        if all("mass" in d for _, d in entries):
+            extra["mass"], extra["mass_pm"] = _mean_se(
+                [d["mass"] for _, d in entries], entries[0][1]["mass_stderr"]
+            )
+            extra["mass_unsolved"] = [d["mass_unsolved"] for _, d in entries]
+            extra["value_mass_normalised"], extra["pm_mass_normalised"] = _mean_se(
+                [d[f"{metric}_mass_normalised"] for _, d in entries], entries[0][1][f"{metric}_stderr"]
+            )
         table.append(
             {
+                **extra,
                 "budget": budget,
                 "dataset": dataset,
                 "model": model,
@@ -337,7 +366,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + " The free-form flow's `log_prob` is the normalised density of its draws (a root solve "
         "g(z) = x from f(x); rows whose solve fails are left out and counted); its `paper` value "
-        "log p_Z(f(x)) − log|det J_g(f(x))| is **not normalised** and takes no part in the ranking.",
+        "log p_Z(f(x)) − log|det J_g(f(x))| is **not normalised** and takes no part in the ranking. "
+        "The mass M = ∫q is estimated by the trapezoid rule on a grid over the training data's range "
+        "± 3 standard deviations (2001 nodes in 1-D, 201² in 2-D; unsolved points count as zero; ± "
+        "is the quadrature's error estimate, or the standard error over seeds); a normalised "
+        "density must have M = 1 within it. The last column is the metric of the mass-normalised q/M "
+        "(metric + log M).",
         "",
     ]
     for budget in [b for b in BUDGETS if any(t["budget"] == b for t in tasks)]:
@@ -357,8 +391,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"### {dataset} ({mine[0]['n_train']} train / {mine[0]['n_test']} test rows, "
                 f"{mine[0]['features']}-D, lr {mine[0]['lr']:g}, batch {mine[0]['batch_size']})",
                 "",
-                f"| model | density | params | steps | CPU-s | {metric} ↓ | failed test rows | eval CPU-s |",
-                "|---|---|---:|---:|---:|---:|---:|---:|",
+                f"| model | density | params | steps | CPU-s | {metric} ↓ | failed test rows | eval CPU-s "
+                f"| mass M | {metric} of q/M |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for e in entries:
                 dens = e["density"] + ("" if e["normalised"] else " (not normalised)")
@@ -366,7 +401,13 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(
                     f"| {e['model']}{div} | {dens} | {e['n_params']:,} | {e['steps']:.0f} | "
                     f"{e['cpu_seconds']:.1f} | {e['value']:.4f} ± {e['pm']:.4f} | "
-                    f"{'/'.join(str(n) for n in e['n_failed'])} | {e['eval_cpu_seconds']:.2f} |"
+                    f"{'/'.join(str(n) for n in e['n_failed'])} | {e['eval_cpu_seconds']:.2f} | "
+                    + (
+                        f"{e['mass']:.3f} ± {e['mass_pm']:.3f} | "
+                        f"{e['value_mass_normalised']:.4f} ± {e['pm_mass_normalised']:.4f} |"
+                        if "mass" in e
+                        else "— | — |"
+                    )
                 )
             skipped = sorted({note for t in mine for note in t["skipped"]})
             lines += [""]
@@ -388,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/peer_toys.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "datasets": args.datasets,
         "models": args.models,
-        "cycle": args.cycle,
+        "fff_variant": args.fff_variant,
         "budgets": args.budgets,
         "cpu_seconds": args.cpu_seconds,
         "steps": args.steps,
@@ -407,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed,
             "budget": budget,
             "models": args.models,
-            "cycle": args.cycle,
+            "fff_variant": args.fff_variant,
             "cpu_seconds": args.cpu_seconds,
             "steps": args.steps,
             "slice": args.slice,
+            "mass": args.mass,
             "lr": args.lr,
         }
         for budget in args.budgets
