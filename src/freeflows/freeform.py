@@ -481,7 +481,9 @@ class FreeFormFlow(DensityModule):
           converge get **NaN** and a :class:`RuntimeWarning`; no value is guessed. Where
           :math:`g` is not injective, the pushforward density at :math:`x` is the sum over all
           preimages, and this returns the term of the one found: a lower bound, so the density
-          then integrates to less than one (``density_mass`` in the tool shows it). With
+          then integrates to less than one (``density_mass`` in the tool shows it), and which
+          root is found depends on the start, so the model's symmetries hold exactly only where
+          the root is unique. With
           gradients enabled, :math:`z^*` is differentiated implicitly (one Newton step with
           autograd at the root), so the value is differentiable in ``x`` and the parameters.
         * ``"encoder"``: :math:`\log p_Z(f(x)) + \log\lvert\det J_f(x)\rvert`, the density of

@@ -89,6 +89,11 @@ def invert_encoder(
     return x, residual
 
 
+def _project(r: Tensor, q: Tensor | None) -> Tensor:
+    """Residuals in the subspace's coordinates :math:`Q^\top r` (all of ``r`` without a basis)."""
+    return r if q is None else r @ q
+
+
 class DecoderInverse(NamedTuple):
     """Result of :func:`invert_decoder`, one entry per row."""
 
@@ -97,7 +102,7 @@ class DecoderInverse(NamedTuple):
     jacobian: Tensor
     """:math:`J_g` at ``z``, ``[B, D, D]`` (reduced to the subspace, ``[B, m, m]``, with a basis)."""
     residual: Tensor
-    r""":math:`\lVert g(z) - x\rVert`, ``[B]``."""
+    r""":math:`\lVert g(z) - x\rVert`, ``[B]`` (of :math:`Q^\top (g(z) - x)` with a basis)."""
     converged: Tensor
     """Whether ``residual`` is within the tolerance, ``[B]`` (bool)."""
 
@@ -177,7 +182,7 @@ Vert` (else :math:`lpha` halves, at most 10 times). A round ends
         value, jac = value_and_jacobian(z[active], ca)
         if q is not None:
             jac = q.T @ jac @ q
-        r = (value - x[active]).reshape(active.numel(), -1)
+        r = _project((value - x[active]).reshape(active.numel(), -1), q)
         res = r.norm(dim=1)
         jac_out[active] = jac
         residual[active] = res
@@ -202,8 +207,7 @@ Vert` (else :math:`lpha` halves, at most 10 times). A round ends
         # tolerance, stops improving, or converges slowly (then it needs a fresh Jacobian).
         run = torch.arange(active.numel(), device=x.device)
         for _ in range(chord_steps):
-            rhs = r[run] if q is None else r[run] @ q
-            delta = torch.linalg.lu_solve(lu[run], pivots[run], rhs.unsqueeze(-1)).squeeze(-1)
+            delta = torch.linalg.lu_solve(lu[run], pivots[run], r[run].unsqueeze(-1)).squeeze(-1)
             if q is not None:
                 delta = delta @ q.T
             z_run, res_run = za[run], res[run]
@@ -214,7 +218,7 @@ Vert` (else :math:`lpha` halves, at most 10 times). A round ends
                 trial = z_run[pending] - alpha[pending].unsqueeze(1) * delta[pending]
                 c_p = None if c_run is None else c_run[pending]
                 g_trial = decode(trial.reshape(-1, *event), c_p)
-                r_trial = (g_trial - xa[run[pending]]).reshape(pending.numel(), -1)
+                r_trial = _project((g_trial - xa[run[pending]]).reshape(pending.numel(), -1), q)
                 res_trial = r_trial.norm(dim=1)
                 ok = res_trial < res_run[pending]  # NaN never counts as better
                 rows = run[pending[ok]]
