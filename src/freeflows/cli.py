@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--condition-columns", metavar="A,B", help="with a .csv --data file: the columns that are conditions"
     )
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from checkpoints/last.ckpt (written every "
+        "trainer.checkpoint_every_steps steps and on Ctrl-C); it ends where an uninterrupted run would",
+    )
     t.add_argument("--seed", type=int, help="shortcut for --set seed=N")
     t.add_argument("--devices", type=int, help="processes/devices (trainer.devices)")
     t.add_argument("--strategy", help="Lightning strategy, e.g. ddp (trainer.strategy)")
