@@ -155,7 +155,7 @@ def test_velocity_divergence_with_torch_func():
 
 
 def test_egnn_condition_and_errors():
-    net = EGNN(4, 2, hidden=8, layers=1, condition_features=3).double()
+    net = EGNN(4, 2, hidden=8, layers=1, condition_dim=3).double()
     x = configurations(4, 2, batch=2)
     assert net(x, torch.zeros(2, 3, dtype=torch.float64)).shape == x.shape
     with pytest.raises(ValueError, match="c is missing"):

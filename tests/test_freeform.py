@@ -161,7 +161,7 @@ def test_bias_grows_with_inverse_error():
 def _resnet_flow(samples, surrogate, conditional=False):
     torch.manual_seed(2)
     cf = 2 if conditional else 0
-    enc, dec = ResNet(D, 16, condition_features=cf).double(), ResNet(D, 16, condition_features=cf).double()
+    enc, dec = ResNet(D, 16, condition_dim=cf).double(), ResNet(D, 16, condition_dim=cf).double()
     for p in list(enc.parameters()) + list(dec.parameters()):
         nn.init.normal_(p, std=0.3)
     return FreeFormFlow(
@@ -230,8 +230,8 @@ def test_conditions_concatenated_or_passed():
     torch.manual_seed(0)
     concat = FreeFormFlow(nn.Linear(D + 2, D), nn.Linear(D + 2, D), StandardNormal(D), condition_dim=2)
     passed = FreeFormFlow(
-        ResNet(D, 8, condition_features=2),
-        ResNet(D, 8, condition_features=2),
+        ResNet(D, 8, condition_dim=2),
+        ResNet(D, 8, condition_dim=2),
         StandardNormal(D),
         condition_dim=2,
     )
@@ -261,7 +261,7 @@ def test_bad_input_is_a_value_error():
     with pytest.raises(ValueError, match="unconditional"):
         model.loss(x, torch.randn(4, 2))
     cond = FreeFormFlow(
-        ResNet(D, condition_features=2), ResNet(D, condition_features=2), StandardNormal(D), condition_dim=2
+        ResNet(D, condition_dim=2), ResNet(D, condition_dim=2), StandardNormal(D), condition_dim=2
     )
     with pytest.raises(ValueError, match="conditional"):
         cond.loss(x)
@@ -287,13 +287,13 @@ def test_condition_size_is_declared_once():
     """A network built for another condition size is an error at construction; without
     condition_dim the size the networks declare is taken."""
     with pytest.raises(ValueError, match="condition_dim=3, but the encoder network was built for 2"):
-        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D), condition_dim=3)
+        FreeFormFlow(ResNet(D, condition_dim=2), ResNet(D), StandardNormal(D), condition_dim=3)
     with pytest.raises(ValueError, match="the decoder network was built for 0"):
-        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D), condition_dim=2)
+        FreeFormFlow(ResNet(D, condition_dim=2), ResNet(D), StandardNormal(D), condition_dim=2)
     with pytest.raises(ValueError, match="different sizes"):
-        FreeFormFlow(ResNet(D, condition_features=2), ResNet(D), StandardNormal(D))
-    two = ResNet(D, condition_features=2)
-    derived = FreeFormFlow(two, ResNet(D, condition_features=2), StandardNormal(D))
+        FreeFormFlow(ResNet(D, condition_dim=2), ResNet(D), StandardNormal(D))
+    two = ResNet(D, condition_dim=2)
+    derived = FreeFormFlow(two, ResNet(D, condition_dim=2), StandardNormal(D))
     assert derived.condition_dim == 2
     assert FreeFormFlow.resnet(D, 2).condition_dim == 2
     assert FreeFormFlow.resnet(D).condition_dim is None
@@ -304,7 +304,7 @@ def test_resnet_constructor_matches_the_networks_it_names():
     a standard normal latent, and passes the flow's options on."""
     flow = FreeFormFlow.resnet(D, 2, hidden=8, depth=1, blocks=4, beta=3.0, sample_refine_steps=2)
     for net in (flow.encoder, flow.decoder):
-        assert isinstance(net, ResNet) and len(net.blocks) == 4 and net.condition_features == 2
+        assert isinstance(net, ResNet) and len(net.blocks) == 4 and net.condition_dim == 2
         assert net.blocks[0].branch[0].out_features == 8 and len(net.blocks[0].branch) == 3
     assert isinstance(flow.latent, StandardNormal) and flow.event_shape == (D,)
     assert (flow.beta, flow.sample_refine_steps) == (3.0, 2)

@@ -122,8 +122,8 @@ def test_refined_draws_follow_the_encoders_density():
 def test_conditional_sampling_with_refinement():
     torch.manual_seed(0)
     flow = FreeFormFlow(
-        ResNet(D, condition_features=2),
-        ResNet(D, condition_features=2),
+        ResNet(D, condition_dim=2),
+        ResNet(D, condition_dim=2),
         StandardNormal(D),
         condition_dim=2,
         sample_refine_steps=3,

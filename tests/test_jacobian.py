@@ -45,11 +45,11 @@ def test_bad_mode_and_chunk():
         batch_jacobian(torch.nn.Identity(), torch.randn(2, 2), chunk_size=0)
 
 
-def _resnet(condition_features=0):
+def _resnet(condition_dim=0):
     from freeflows import ResNet
 
     torch.manual_seed(2)
-    net = ResNet(4, 8, condition_features=condition_features).double()
+    net = ResNet(4, 8, condition_dim=condition_dim).double()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.4)
     return net

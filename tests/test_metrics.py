@@ -46,8 +46,8 @@ def free_form(d: int, condition_dim: int | None = None) -> ff.FreeFormFlow:
     k = condition_dim or 0
     return perturbed(
         ff.FreeFormFlow(
-            ff.ResNet(d, hidden=16, condition_features=k),
-            ff.ResNet(d, hidden=16, condition_features=k),
+            ff.ResNet(d, hidden=16, condition_dim=k),
+            ff.ResNet(d, hidden=16, condition_dim=k),
             ff.StandardNormal(d),
             condition_dim=condition_dim,
         )

@@ -10,7 +10,7 @@ def test_identity_at_init():
     net = ResNet(5, hidden=32, depth=3, blocks=4)
     x = torch.randn(10, 5)
     assert torch.equal(net(x), x)
-    cnet = ResNet(5, hidden=32, condition_features=2)
+    cnet = ResNet(5, hidden=32, condition_dim=2)
     assert torch.equal(cnet(x, torch.randn(10, 2)), x)
 
 
@@ -34,5 +34,5 @@ def test_bad_inputs():
     net = ResNet(3)
     with pytest.raises(ValueError, match="expects 3 features"):
         net(torch.randn(2, 4))
-    with pytest.raises(ValueError, match="condition_features"):
+    with pytest.raises(ValueError, match="condition_dim"):
         net(torch.randn(2, 3), torch.randn(2, 1))

@@ -58,8 +58,8 @@ def _build(kind: str, d: int = 3, condition_dim: int | None = None) -> nn.Module
         ).double()
     if kind == "fff":
         cf = condition_dim or 0
-        enc = _perturb(ResNet(d, 16, blocks=2, condition_features=cf), 0.1)
-        dec = _perturb(ResNet(d, 16, blocks=2, condition_features=cf), 0.1)
+        enc = _perturb(ResNet(d, 16, blocks=2, condition_dim=cf), 0.1)
+        dec = _perturb(ResNet(d, 16, blocks=2, condition_dim=cf), 0.1)
         return FreeFormFlow(enc, dec, StandardNormal(d), condition_dim=condition_dim).double()
     raise AssertionError(kind)
 

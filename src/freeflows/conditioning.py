@@ -33,12 +33,11 @@ UNDECLARED = "undeclared"
 
 
 def declared_condition_dim(net: nn.Module) -> int | None | str:
-    """The condition size a network declares: its ``condition_dim`` or ``condition_features``
-    attribute (``0`` meaning none, returned as ``None``), or :data:`UNDECLARED`."""
-    for name in ("condition_dim", "condition_features"):
-        value = getattr(net, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value or None
+    """The condition size a network declares: its ``condition_dim`` attribute (``0`` meaning
+    none, returned as ``None``), or :data:`UNDECLARED`."""
+    value = getattr(net, "condition_dim", None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value or None
     return UNDECLARED
 
 

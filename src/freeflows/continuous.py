@@ -369,7 +369,7 @@ class CNF(DensityModule):
             latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and
                 ``basis``.
             condition_dim: number of condition features. A velocity that declares its own
-                (``condition_dim`` or ``condition_features``, as
+                (``condition_dim``, as
                 :class:`~freeflows.nets.velocity.TimeMLP` does) must declare the same, else
                 construction fails; ``None`` takes the velocity's.
             augment_dims: augmented dimensions (see the class docstring).

@@ -104,7 +104,7 @@ class FreeFormFlow(DensityModule):
         latent: latent distribution with ``event_shape``, ``log_prob``, ``sample`` and ``basis``.
         condition_dim: number of condition features, or ``None``. Conditions go to both networks
             (see :mod:`freeflows.conditioning`). A network that declares its condition size (a
-            ``condition_dim`` or ``condition_features`` attribute, as :class:`~freeflows.nets.ResNet`
+            ``condition_dim`` attribute, as :class:`~freeflows.nets.ResNet`
             does) must declare this one, else construction fails; with ``None`` the size the
             networks declare is used (none: unconditional).
         beta: weight :math:`\beta \ge 0` of the reconstruction loss.
@@ -214,7 +214,7 @@ class FreeFormFlow(DensityModule):
         check_condition_dim(condition_dim)
 
         def net() -> ResNet:
-            return ResNet(features, hidden, depth, blocks, condition_features=condition_dim or 0)
+            return ResNet(features, hidden, depth, blocks, condition_dim=condition_dim or 0)
 
         return cls(
             net(),
@@ -259,7 +259,7 @@ class FreeFormFlow(DensityModule):
         check_condition_dim(condition_dim)
 
         def net() -> EGNN:
-            return EGNN(n_particles, n_dims, hidden, layers, attention, condition_features=condition_dim or 0)
+            return EGNN(n_particles, n_dims, hidden, layers, attention, condition_dim=condition_dim or 0)
 
         return cls(
             net(),

@@ -99,7 +99,7 @@ def _residual_block(m: ResidualBlock, x: Tensor, t: Tensor, c: Tensor | None) ->
 
 
 def _resnet(m: ResNet, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
-    if (c is None) != (m.condition_features == 0) or x.reshape(x.shape[0], -1).shape[1] != m.features:
+    if (c is None) != (m.condition_dim == 0) or x.reshape(x.shape[0], -1).shape[1] != m.features:
         return _generic(m, x, t, c)  # let ResNet.forward raise its own error
     lead = t.shape[: t.dim() - x.dim() + 1]  # (B,) or (B, K)
     h, th = x.reshape(x.shape[0], -1), t.reshape(*lead, -1)

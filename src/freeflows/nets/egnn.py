@@ -84,7 +84,7 @@ class EGNN(nn.Module):
         hidden: width of node features and of every MLP.
         layers: number of EGNN layers.
         attention: gate every message by :math:`\sigma(\phi_a(m_{ij}))`.
-        condition_features: number of invariant global features ``c`` (``[B, C]``), added to
+        condition_dim: number of invariant global features ``c`` (``[B, C]``), added to
             every node's initial features; 0 for none.
     """
 
@@ -95,7 +95,7 @@ class EGNN(nn.Module):
         hidden: int = 64,
         layers: int = 4,
         attention: bool = True,
-        condition_features: int = 0,
+        condition_dim: int = 0,
     ):
         super().__init__()
         if n_particles < 2 or n_dims < 1:
@@ -103,13 +103,13 @@ class EGNN(nn.Module):
         for name, value in (("hidden", hidden), ("layers", layers)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if condition_features < 0:
-            raise ValueError(f"condition_features must be >= 0, got {condition_features}")
+        if condition_dim < 0:
+            raise ValueError(f"condition_dim must be >= 0, got {condition_dim}")
         self.n_particles = int(n_particles)
         self.n_dims = int(n_dims)
-        self.condition_features = int(condition_features)
+        self.condition_dim = int(condition_dim)
         self.embedding = nn.Parameter(torch.randn(hidden) / hidden**0.5)
-        self.condition = nn.Linear(condition_features, hidden, bias=False) if condition_features else None
+        self.condition = nn.Linear(condition_dim, hidden, bias=False) if condition_dim else None
         self.layers = nn.ModuleList(EGNNLayer(hidden, attention) for _ in range(layers))
         mask = 1.0 - torch.eye(n_particles)
         self.register_buffer("mask", mask.unsqueeze(-1), persistent=False)
@@ -118,7 +118,7 @@ class EGNN(nn.Module):
         r"""The mean-free total displacement :math:`\Delta = x^L - x^0`, shaped like ``x``."""
         if (c is None) != (self.condition is None):
             raise ValueError(
-                f"EGNN built with condition_features={self.condition_features} "
+                f"EGNN built with condition_dim={self.condition_dim} "
                 f"but c is {'missing' if c is None else 'given'}"
             )
         batch = x.shape[0]
@@ -158,7 +158,7 @@ class EGNNVelocity(nn.Module):
         self, n_particles: int, n_dims: int, hidden: int = 64, layers: int = 4, attention: bool = True
     ):
         super().__init__()
-        self.net = EGNN(n_particles, n_dims, hidden, layers, attention, condition_features=1)
+        self.net = EGNN(n_particles, n_dims, hidden, layers, attention, condition_dim=1)
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         t = torch.as_tensor(t).to(x)

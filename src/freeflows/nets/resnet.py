@@ -18,11 +18,11 @@ from torch import Tensor, nn
 class ResidualBlock(nn.Module):
     """One residual block :math:`h + r([h, c])` whose branch starts at zero."""
 
-    def __init__(self, features: int, hidden: int, depth: int, condition_features: int = 0):
+    def __init__(self, features: int, hidden: int, depth: int, condition_dim: int = 0):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        layers: list[nn.Module] = [nn.Linear(features + condition_features, hidden), nn.SiLU()]
+        layers: list[nn.Module] = [nn.Linear(features + condition_dim, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
         out = nn.Linear(hidden, features)
@@ -38,7 +38,7 @@ class ResidualBlock(nn.Module):
 
 class ResNet(nn.Module):
     """Residual MLP ``features -> features`` with ``blocks`` residual blocks, each a branch of
-    ``depth`` hidden layers of width ``hidden``. With ``condition_features > 0`` it takes a
+    ``depth`` hidden layers of width ``hidden``. With ``condition_dim > 0`` it takes a
     condition ``c`` of that many features, fed to every block.
     """
 
@@ -48,25 +48,25 @@ class ResNet(nn.Module):
         hidden: int = 128,
         depth: int = 2,
         blocks: int = 2,
-        condition_features: int = 0,
+        condition_dim: int = 0,
     ):
         super().__init__()
         for name, value in (("features", features), ("hidden", hidden), ("blocks", blocks)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if condition_features < 0:
-            raise ValueError(f"condition_features must be >= 0, got {condition_features}")
+        if condition_dim < 0:
+            raise ValueError(f"condition_dim must be >= 0, got {condition_dim}")
         self.features = features
-        self.condition_features = condition_features
+        self.condition_dim = condition_dim
         self.blocks = nn.ModuleList(
-            ResidualBlock(features, hidden, depth, condition_features) for _ in range(blocks)
+            ResidualBlock(features, hidden, depth, condition_dim) for _ in range(blocks)
         )
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        if (c is None) != (self.condition_features == 0):
+        if (c is None) != (self.condition_dim == 0):
             raise ValueError(
-                "ResNet built with condition_features="
-                f"{self.condition_features} but c is {'missing' if c is None else 'given'}"
+                "ResNet built with condition_dim="
+                f"{self.condition_dim} but c is {'missing' if c is None else 'given'}"
             )
         h = x.reshape(x.shape[0], -1)
         if h.shape[1] != self.features:
