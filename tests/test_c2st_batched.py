@@ -195,7 +195,10 @@ def test_training_follows_sklearns_fit(monkeypatch, sizes):
     for i, job in enumerate(jobs):
         curve, accuracy = _sklearn_fit(data, labels, job)
         assert len(curves[i]) == len(curve) > 20
-        np.testing.assert_allclose(curves[i], curve, rtol=0, atol=1e-5)
+        # The rounding drift grows with the epoch: below 1e-6 over the first 50 epochs, 1.2e-5
+        # after 430 epochs with numpy 2.4 and scikit-learn 1.9.
+        np.testing.assert_allclose(curves[i][:50], curve[:50], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(curves[i], curve, rtol=0, atol=5e-5)
         assert accuracies[i] == accuracy
 
 
