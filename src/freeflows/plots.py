@@ -39,7 +39,7 @@ def plot_density(model: nn.Module, data: DataSet, path: Path, grid: int = 160) -
         t = torch.linspace(xlo, xhi, 600).unsqueeze(1)
         from .data.base import Split
 
-        q = batched_log_prob(model, Split(t)).exp().numpy()
+        q = batched_log_prob(model, Split(t)).exp().numpy()  # NaN (unsolved) points leave gaps
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(x[:, 0], bins=120, density=True, alpha=0.4, color="gray", label="data")
         ax.plot(t[:, 0], q, label="model", color="C0")
@@ -58,13 +58,20 @@ def plot_density(model: nn.Module, data: DataSet, path: Path, grid: int = 160) -
         axes[0].hist2d(x[:, 0], x[:, 1], bins=grid // 2, range=[[xlo, xhi], [ylo, yhi]], cmap="viridis")
         axes[0].set_title("data (test split)")
         # Cap the colour scale: a free-form decoder can have isolated near-singular points whose
-        # density spikes would otherwise wash out the picture.
-        vmax = float(np.quantile(q, 0.995))
+        # density spikes would otherwise wash out the picture. Points where log_prob is NaN (a
+        # free-form flow's root solve failed there) are drawn in red and counted in the title.
+        unsolved = np.isnan(q)
+        vmax = float(np.nanquantile(q, 0.995)) if not unsolved.all() else 1.0
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("red")
         axes[1].imshow(
-            q, origin="lower", extent=(xlo, xhi, ylo, yhi), cmap="viridis", aspect="auto", vmax=vmax
+            np.ma.masked_invalid(q), origin="lower", extent=(xlo, xhi, ylo, yhi), cmap=cmap,
+            aspect="auto", vmax=vmax,
         )
+        note = f"; {int(unsolved.sum())} unsolved points (red)" if unsolved.any() else ""
         axes[1].set_title(
-            f"model density (exact log_prob; max {q.max():.3g}, colour capped at {vmax:.3g})", fontsize=9
+            f"model density, log_prob\nmax {np.nanmax(q):.3g}, colour capped at {vmax:.3g}{note}",
+            fontsize=9,
         )
         for ax in axes:
             ax.set_xlim(xlo, xhi)
