@@ -32,42 +32,96 @@ from .coupling import soft_clamp
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` of shape ``[out, in]``."""
+    r"""A linear layer whose weight is multiplied by a fixed 0/1 mask, :math:`y = (W \odot M) x + b`.
 
-    def __init__(self, mask: Tensor):
+    Args:
+        mask: :math:`M`, of shape ``[out_features, in_features]``.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import MaskedLinear
+        >>> layer = MaskedLinear(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        >>> x = torch.randn(4, 2, requires_grad=True)
+        >>> (g,) = torch.autograd.grad(layer(x)[:, 0].sum(), x)
+        >>> bool((g[:, 1] == 0).all())  # output 0 does not see input 1
+        True
+    """
+
+    def __init__(self, mask: Tensor) -> None:
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        r""":math:`(W \odot M) x + b`.
+
+        Args:
+            x: inputs ``[B, in_features]``.
+
+        Returns:
+            ``[B, out_features]``.
+        """
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
 def made_degrees(features: int, hidden: int) -> Tensor:
-    """Degrees of hidden units, cycling through ``1 .. D-1`` (all ``0`` when ``D = 1``: such units
-    see only the condition and the bias)."""
+    """Degrees of the hidden units of :class:`MADE`, cycling through ``1 .. D-1`` (all ``0`` when
+    ``D = 1``: such units see only the condition and the bias).
+
+    Args:
+        features: ``D``.
+        hidden: the number of hidden units.
+
+    Returns:
+        Integer degrees ``[hidden]``.
+
+    Example:
+        >>> from freeflows.transforms.autoregressive import made_degrees
+        >>> made_degrees(3, 5)
+        tensor([1, 2, 1, 2, 1])
+    """
     if features == 1:
         return torch.zeros(hidden, dtype=torch.long)
     return torch.arange(hidden) % (features - 1) + 1
 
 
 class MADE(nn.Module):
-    r"""Masked autoencoder for distribution estimation (Germain et al., 2015).
+    r"""Masked autoencoder for distribution estimation.
 
     Maps ``[B, D]`` (and a condition ``[B, C]``) to ``[B, P, D]``, ``P = params_per_feature``,
     such that output ``[:, p, i]`` depends only on the inputs ``j`` that come before ``i`` in
     ``order``. Input ``i`` has degree :math:`d_i` = its 1-based position in the order; a hidden
     unit of degree :math:`m` may see inputs of degree :math:`\le m`; output ``i`` may see hidden
-    units of degree :math:`< d_i`. Hence :math:`\partial\,\text{out}_{p,i} / \partial x_j = 0`
-    unless :math:`d_j < d_i`: the Jacobian is strictly triangular in that order. The condition
-    enters the first hidden layer without a mask. The output layer starts at zero.
+    units of degree :math:`< d_i`. Hence
+
+    .. math:: \frac{\partial\,\text{out}_{p,i}}{\partial x_j} = 0 \quad \text{unless } d_j < d_i :
+
+    the Jacobian is strictly triangular in that order. The condition enters the first hidden
+    layer without a mask. Activations are SiLU. The output layer starts at zero.
 
     Args:
         features: ``D``.
         params_per_feature: ``P``.
-        hidden, layers: width and number of hidden layers.
+        hidden: width of the hidden layers.
+        layers: number of hidden layers.
         condition_dim: features of the condition, or ``None``.
         order: ``order[i]`` is the position (0-based) of feature ``i``; default ``0..D-1``.
+
+    References:
+        Germain, Gregor, Murray and Larochelle, "MADE: Masked Autoencoder for Distribution
+        Estimation" (2015), arXiv:1502.03509.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import MADE
+        >>> made = MADE(3, 2, hidden=8, order=torch.tensor([2, 0, 1]))
+        >>> _ = torch.nn.init.normal_(made.output.weight)  # the output layer starts at zero
+        >>> x = torch.randn(3)
+        >>> jac = torch.autograd.functional.jacobian(lambda v: made(v[None])[0, 0], x)
+        >>> (jac != 0).int()  # feature 1 comes first, then 2, then 0
+        tensor([[0, 1, 1],
+                [0, 0, 0],
+                [0, 1, 0]], dtype=torch.int32)
     """
 
     def __init__(
@@ -78,7 +132,7 @@ class MADE(nn.Module):
         layers: int = 2,
         condition_dim: int | None = None,
         order: Tensor | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if features < 1 or hidden < 1 or layers < 1:
             raise ValueError(f"MADE needs features, hidden, layers >= 1; got {features}, {hidden}, {layers}")
@@ -102,6 +156,15 @@ class MADE(nn.Module):
         self.context = None if condition_dim is None else nn.Linear(condition_dim, hidden)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """The autoregressive parameters of every feature in one pass.
+
+        Args:
+            x: inputs ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``[B, P, D]``; entry ``[:, p, i]`` depends only on the features before ``i``.
+        """
         h = self.hidden_layers[0](x)
         if self.context is not None and c is not None:
             h = h + self.context(c)
@@ -120,7 +183,7 @@ class _Autoregressive(Transform):
         condition_dim: int | None = None,
         order: Tensor | None = None,
         clamp: float | None = 3.0,
-    ):
+    ) -> None:
         super().__init__()
         if clamp is not None and not clamp > 0:
             raise ValueError(f"clamp must be positive or None, got {clamp}")
@@ -129,6 +192,8 @@ class _Autoregressive(Transform):
         self.made = MADE(features, 2, hidden, layers, condition_dim, order)
 
     def scale_shift(self, u: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        r"""The soft-clamped log-scales :math:`s(u_{<i}, c)` and the shifts :math:`t(u_{<i}, c)`,
+        ``[B, D]`` each, from one MADE pass."""
         p = self.made(u, c)
         return soft_clamp(p[:, 0], self.clamp), p[:, 1]
 
@@ -152,35 +217,119 @@ class _Autoregressive(Transform):
 
 
 class MaskedAutoregressive(_Autoregressive):
-    r"""One MAF layer: :math:`z_i = x_i e^{s_i(x_{<i}, c)} + t_i(x_{<i}, c)`.
+    r"""One MAF layer:
 
+    .. math:: z_i = x_i\, e^{s_i(x_{<i}, c)} + t_i(x_{<i}, c), \qquad
+       \log\lvert\det \partial z/\partial x\rvert = \textstyle\sum_i s_i(x_{<i}, c),
+
+    with :math:`(\tilde s, t)` from a :class:`MADE` and :math:`s = \kappa\tanh(\tilde s/\kappa)`.
     ``forward`` (data → latent, the density) is one MADE pass; ``inverse`` (latent → data,
-    sampling) is ``D`` sequential passes. Arguments as in :class:`MADE`, plus ``clamp`` (bound of
-    the log-scale, or ``None``).
+    sampling) is ``D`` sequential passes.
+
+    Args:
+        features: ``D``.
+        hidden: width of the MADE's hidden layers.
+        layers: number of the MADE's hidden layers.
+        condition_dim: features of the condition ``c``, or ``None``.
+        order: ``order[i]`` is the position (0-based) of feature ``i``; default ``0..D-1``.
+        clamp: :math:`\kappa > 0`, the bound of the log-scale; ``None`` for no clamp.
+
+    References:
+        Papamakarios, Pavlakou and Murray, "Masked Autoregressive Flow for Density Estimation"
+        (2017), arXiv:1705.07057.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import MaskedAutoregressive
+        >>> t = MaskedAutoregressive(3, hidden=16, condition_dim=2)
+        >>> x, c = torch.randn(5, 3), torch.randn(5, 2)
+        >>> z, log_det = t(x, c)
+        >>> z.shape, log_det.shape, torch.allclose(t.inverse(z, c), x, atol=1e-6)
+        (torch.Size([5, 3]), torch.Size([5]), True)
     """
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""Data to latent in one MADE pass.
+
+        Args:
+            x: data ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``(z, log_det)`` with :math:`\log\lvert\det\rvert = \sum_i s_i`, ``[B, D]`` and ``[B]``.
+        """
         check_features(x, self.features, "MaskedAutoregressive")
         return self.one_pass(x, c)
 
     def inverse(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        """Latent to data in ``D`` sequential MADE passes (exact, not iterative refinement).
+
+        Args:
+            z: latent points ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            The data points ``[B, D]``.
+        """
         check_features(z, self.features, "MaskedAutoregressive")
         return self.sequential(z, c)[0]
 
 
 class InverseAutoregressive(_Autoregressive):
-    r"""One IAF layer: :math:`x_i = z_i e^{s_i(z_{<i}, c)} + t_i(z_{<i}, c)`.
+    r"""One IAF layer:
+
+    .. math:: x_i = z_i\, e^{s_i(z_{<i}, c)} + t_i(z_{<i}, c), \qquad
+       \log\lvert\det \partial z/\partial x\rvert = -\textstyle\sum_i s_i(z_{<i}, c).
 
     ``inverse`` (latent → data, sampling) is one MADE pass; ``forward`` (data → latent, the
-    density) is ``D`` sequential passes, with :math:`\log\lvert\det \partial z/\partial x\rvert
-    = -\sum_i s_i(z_{<i})`.
+    density) is ``D`` sequential passes.
+
+    Args:
+        features: ``D``.
+        hidden: width of the MADE's hidden layers.
+        layers: number of the MADE's hidden layers.
+        condition_dim: features of the condition ``c``, or ``None``.
+        order: ``order[i]`` is the position (0-based) of feature ``i``; default ``0..D-1``.
+        clamp: :math:`\kappa > 0`, the bound of the log-scale; ``None`` for no clamp.
+
+    References:
+        Kingma, Salimans, Jozefowicz, Chen, Sutskever and Welling, "Improving Variational
+        Inference with Inverse Autoregressive Flow" (2016), arXiv:1606.04934.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import InverseAutoregressive
+        >>> t = InverseAutoregressive(3, hidden=16)
+        >>> z = torch.randn(5, 3)
+        >>> x = t.inverse(z)
+        >>> z_back, log_det = t(x)
+        >>> log_det.shape, torch.allclose(z_back, z, atol=1e-6)
+        (torch.Size([5]), True)
     """
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""Data to latent in ``D`` sequential MADE passes.
+
+        Args:
+            x: data ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``(z, log_det)`` with :math:`\log\lvert\det\rvert = -\sum_i s_i`, ``[B, D]`` and ``[B]``.
+        """
         check_features(x, self.features, "InverseAutoregressive")
         z, sum_s = self.sequential(x, c)
         return z, -sum_s
 
     def inverse(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        """Latent to data in one MADE pass.
+
+        Args:
+            z: latent points ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            The data points ``[B, D]``.
+        """
         check_features(z, self.features, "InverseAutoregressive")
         return self.one_pass(z, c)[0]

@@ -55,10 +55,27 @@ MIN_SLOPE = 1e-4
 
 
 def solve_planar(y: Tensor, wu: Tensor, b: Tensor, tol: float, max_iter: int = 100) -> Tensor:
-    r"""The root :math:`a` of :math:`a + w^\top\hat u\tanh(a + b) = y` (all arguments broadcast
-    to ``[B]``), by bracketed Newton: each Newton step that leaves the current bracket is replaced
-    by bisection. Stops when :math:`|\varphi(a)| \le \text{tol}\,(1 + |y|)` for every row, or after
-    ``max_iter`` steps."""
+    r"""The root :math:`a` of :math:`\varphi(a) = a + w^\top\hat u\tanh(a + b) - y = 0`, by
+    bracketed Newton: each Newton step that leaves the current bracket is replaced by bisection.
+
+    Args:
+        y: :math:`w^\top x`.
+        wu: :math:`w^\top \hat u > -1`.
+        b: the bias :math:`b`.
+        tol: stop when :math:`|\varphi(a)| \le \text{tol}\,(1 + |y|)` for every row.
+        max_iter: stop after this many steps.
+
+    Returns:
+        The roots, with the shape of ``y``, ``wu`` and ``b`` broadcast together (``[B]``).
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import solve_planar
+        >>> y, wu, b = torch.tensor([0.3, -2.0]), torch.tensor([0.5, -0.9]), torch.tensor(0.1)
+        >>> a = solve_planar(y, wu, b, tol=1e-6)
+        >>> bool(torch.allclose(a + wu * torch.tanh(a + b), y, atol=1e-5))
+        True
+    """
     y, wu, b = torch.broadcast_tensors(y, wu, b)
     radius = wu.abs()
     lo, hi = y - radius, y + radius
@@ -78,10 +95,19 @@ def solve_planar(y: Tensor, wu: Tensor, b: Tensor, tol: float, max_iter: int = 1
 
 
 class Planar(Transform):
-    r"""One planar transform on ``features``-vectors (see the module docstring).
+    r"""One planar transform on ``features``-vectors, latent to data in closed form:
+
+    .. math:: x = z + \hat u \tanh(w^\top z + b), \qquad
+       \log\lvert\det \partial x/\partial z\rvert = \log\bigl(1 + (1 - \tanh^2(w^\top z + b))\,
+       w^\top \hat u\bigr),
+
+    with :math:`\hat u` reparametrised so that :math:`w^\top \hat u > -1` (invertible). In the
+    library's direction convention ``inverse`` is this map (sampling) and ``forward`` its
+    numerical inverse (densities); see the module docstring.
 
     With ``condition_dim``, a linear hypernetwork (zero at initialisation) adds a
-    condition-dependent offset to :math:`(u, w, b)`.
+    condition-dependent offset to :math:`(u, w, b)`. Each layer starts volume-preserving,
+    :math:`w^\top \hat u = 0`.
 
     Args:
         features: ``D``.
@@ -89,6 +115,24 @@ class Planar(Transform):
         tol: solver tolerance on :math:`\varphi`; default :math:`\epsilon^{3/4}` of the dtype
             (about ``2e-12`` in float64, ``6e-6`` in float32).
         max_iter: cap on solver steps.
+
+    References:
+        Rezende and Mohamed, "Variational Inference with Normalizing Flows" (2015),
+        arXiv:1505.05770.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.transforms import Planar
+        >>> t = Planar(2).double()
+        >>> z = torch.randn(4, 2, dtype=torch.float64)
+        >>> x = t.inverse(z)
+        >>> z_back, log_det = t(x)
+        >>> torch.allclose(z_back, z)
+        True
+        >>> g = lambda v: t.inverse(v[None])[0]  # the closed-form map, latent to data
+        >>> jac = torch.stack([torch.autograd.functional.jacobian(g, v) for v in z_back])
+        >>> torch.allclose(log_det, -torch.linalg.slogdet(jac).logabsdet)
+        True
     """
 
     def __init__(
@@ -97,7 +141,7 @@ class Planar(Transform):
         condition_dim: int | None = None,
         tol: float | None = None,
         max_iter: int = 100,
-    ):
+    ) -> None:
         super().__init__()
         if features < 1:
             raise ValueError(f"features must be >= 1, got {features}")
@@ -120,7 +164,15 @@ class Planar(Transform):
             nn.init.zeros_(self.hyper.bias)
 
     def params(self, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`(\hat u, w, b)` of shapes ``[B or 1, D]``, ``[B or 1, D]``, ``[B or 1]``."""
+        r"""The effective parameters :math:`(\hat u, w, b)`, with the hypernetwork's offsets.
+
+        Args:
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            :math:`\hat u` and :math:`w` of shape ``[B, D]`` (``[1, D]`` without a condition) and
+            :math:`b` of shape ``[B]`` (``[1]``).
+        """
         u, w, b = self.u[None], self.w[None], self.b.reshape(1)
         if self.hyper is not None and c is not None:
             du, dw, db = self.hyper(c).split([self.features, self.features, 1], dim=-1)
@@ -130,14 +182,31 @@ class Planar(Transform):
         return u_hat, w, b
 
     def inverse(self, z: Tensor, c: Tensor | None = None) -> Tensor:
-        """Latent to data, closed form: :math:`x = z + \\hat u \\tanh(w^\\top z + b)`."""
+        r"""Latent to data, closed form: :math:`x = z + \hat u \tanh(w^\top z + b)`.
+
+        Args:
+            z: latent points ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            The data points ``[B, D]``.
+        """
         check_features(z, self.features, "Planar")
         u, w, b = self.params(c)
         return z + u * torch.tanh((w * z).sum(dim=-1) + b)[:, None]
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Data to latent, numerically; returns :math:`z` and
-        :math:`-\\log(1 + h'(w^\\top z + b)\\, w^\\top \\hat u)`."""
+        r"""Data to latent, numerically (:func:`solve_planar`, then one Newton step with autograd,
+        so that gradients are the exact implicit-function gradients).
+
+        Args:
+            x: data ``[B, D]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``(z, log_det)`` with :math:`\log\lvert\det \partial z/\partial x\rvert =
+            -\log(1 + h'(w^\top z + b)\, w^\top \hat u)`, ``[B, D]`` and ``[B]``.
+        """
         check_features(x, self.features, "Planar")
         u, w, b = self.params(c)
         wu = (w * u).sum(dim=-1)
