@@ -22,6 +22,10 @@ CORE_MODULES = [
     "freeflows.transforms.coupling",
     "freeflows.transforms.glow",
     "freeflows.transforms.planar",
+    "freeflows.nets",
+    "freeflows.nets.egnn",
+    "freeflows.nets.resnet",
+    "freeflows.nets.velocity",
 ]
 
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

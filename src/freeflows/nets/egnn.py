@@ -1,7 +1,8 @@
 r"""An E(n)-equivariant graph neural network (EGNN) on fully connected particle systems.
 
-Following the EGNN equations of Satorras, Hoogeboom and Welling (2021), layer :math:`l` updates
-invariant node features :math:`h_i` and coordinates :math:`x_i` of :math:`N` particles:
+Following the EGNN equations of Satorras, Hoogeboom and Welling (2021, arXiv:2102.09844), layer
+:math:`l` updates invariant node features :math:`h_i` and coordinates :math:`x_i` of :math:`N`
+particles:
 
 .. math::
     m_{ij} &= \phi_e\big(h_i, h_j, \lVert x_i - x_j \rVert^2, \lVert x^0_i - x^0_j \rVert^2\big),
@@ -40,9 +41,34 @@ DISTANCE_EPS = 1e-8
 
 
 class EGNNLayer(nn.Module):
-    """One EGNN layer (see the module docstring) on ``h [B, N, H]`` and ``x [B, N, d]``."""
+    r"""One EGNN layer (the update of the module docstring) on node features ``h [B, N, H]``
+    and coordinates ``x [B, N, d]``.
 
-    def __init__(self, hidden: int, attention: bool = True):
+    The edge MLP :math:`\phi_e` sees :math:`h_i`, :math:`h_j`, the current squared distance and
+    the input squared distance; the coordinate MLP :math:`\phi_x` ends in a zero-initialised
+    layer, so a new layer does not move the coordinates.
+
+    Args:
+        hidden: width :math:`H` of the node features and of every MLP.
+        attention: gate every message by :math:`\sigma(\phi_a(m_{ij}))`.
+
+    References:
+        Satorras, Hoogeboom and Welling, "E(n) Equivariant Graph Neural Networks" (2021),
+        arXiv:2102.09844.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.nets.egnn import EGNNLayer
+        >>> layer = EGNNLayer(8)
+        >>> h, x = torch.randn(2, 3, 8), torch.randn(2, 3, 2)
+        >>> d2_0 = (x.unsqueeze(2) - x.unsqueeze(1)).square().sum(-1, keepdim=True)
+        >>> mask = (1 - torch.eye(3)).unsqueeze(-1)
+        >>> h_new, x_new = layer(h, x, d2_0, mask)
+        >>> h_new.shape, torch.equal(x_new, x)  # coordinates do not move at initialisation
+        (torch.Size([2, 3, 8]), True)
+    """
+
+    def __init__(self, hidden: int, attention: bool = True) -> None:
         super().__init__()
         # phi_e on [h_i, h_j, d2, d2_0], with its first linear map split over the inputs.
         self.source = nn.Linear(hidden, hidden)
@@ -57,8 +83,17 @@ class EGNNLayer(nn.Module):
         self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, h: Tensor, x: Tensor, d2_0: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``d2_0``: input squared distances ``[B, N, N, 1]``; ``mask``: ``[N, N, 1]``, zero on the
-        diagonal."""
+        """Update node features and coordinates once.
+
+        Args:
+            h: node features ``[B, N, H]``.
+            x: coordinates ``[B, N, d]``.
+            d2_0: squared distances of the input coordinates, ``[B, N, N, 1]``.
+            mask: ``[N, N, 1]``, one off the diagonal and zero on it (no self-messages).
+
+        Returns:
+            ``(h, x)``, the updated features and coordinates (same shapes).
+        """
         n = x.shape[1]
         diff = x.unsqueeze(2) - x.unsqueeze(1)  # x_i - x_j: [B, N, N, d]
         d2 = diff.square().sum(dim=-1, keepdim=True)
@@ -78,6 +113,10 @@ class EGNN(nn.Module):
     r"""E(n)-equivariant flow map :math:`x \mapsto x + \Delta(x)` on ``n_particles`` points in
     ``n_dims`` dimensions, ``[B, N*d] -> [B, N*d]``; the identity at initialisation.
 
+    For any rotation or reflection :math:`R`, translation :math:`t` and permutation of the
+    particles :math:`P`, :math:`\mathrm{EGNN}(P(xR + t)) = P(\mathrm{EGNN}(x)R + t)`. It is the
+    encoder and decoder of :meth:`freeflows.FreeFormFlow.egnn`.
+
     Args:
         n_particles: number of particles :math:`N \ge 2`.
         n_dims: spatial dimension :math:`d`.
@@ -86,6 +125,25 @@ class EGNN(nn.Module):
         attention: gate every message by :math:`\sigma(\phi_a(m_{ij}))`.
         condition_dim: number of invariant global features ``c`` (``[B, C]``), added to
             every node's initial features; 0 for none.
+
+    References:
+        Satorras, Hoogeboom and Welling, "E(n) Equivariant Graph Neural Networks" (2021),
+        arXiv:2102.09844.
+        Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+        (2021), arXiv:2105.09016.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.nets import EGNN
+        >>> _ = torch.manual_seed(0)
+        >>> net = EGNN(n_particles=4, n_dims=2, hidden=16, layers=2)
+        >>> for p in net.parameters():  # leave the identity of initialisation
+        ...     _ = p.data.normal_(0, 0.3)
+        >>> x = torch.randn(3, 8)
+        >>> rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # a quarter turn
+        >>> turn = lambda x: (x.reshape(3, 4, 2) @ rot.T).reshape(3, 8)
+        >>> torch.allclose(net(turn(x)), turn(net(x)), atol=1e-5)
+        True
     """
 
     def __init__(
@@ -96,7 +154,7 @@ class EGNN(nn.Module):
         layers: int = 4,
         attention: bool = True,
         condition_dim: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         if n_particles < 2 or n_dims < 1:
             raise ValueError(f"EGNN needs n_particles >= 2 and n_dims >= 1, got {n_particles}, {n_dims}")
@@ -115,7 +173,16 @@ class EGNN(nn.Module):
         self.register_buffer("mask", mask.unsqueeze(-1), persistent=False)
 
     def displacement(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        r"""The mean-free total displacement :math:`\Delta = x^L - x^0`, shaped like ``x``."""
+        r"""The mean-free total displacement :math:`\Delta = x^L - x^0` of the layers.
+
+        Args:
+            x: coordinates ``[B, N*d]`` (any shape with ``N*d`` numbers per row), particle-major.
+            c: invariant conditions ``[B, condition_dim]``; required exactly when
+                ``condition_dim > 0``.
+
+        Returns:
+            :math:`\Delta`, shaped like ``x``; translation invariant and rotation equivariant.
+        """
         if (c is None) != (self.condition is None):
             raise ValueError(
                 f"EGNN built with condition_dim={self.condition_dim} "
@@ -139,28 +206,66 @@ class EGNN(nn.Module):
         return (xl - x0).reshape(x.shape)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        r""":math:`x + \Delta(x)`.
+
+        Args:
+            x: coordinates ``[B, N*d]``, particle-major.
+            c: invariant conditions ``[B, condition_dim]``, or ``None``.
+
+        Returns:
+            Coordinates shaped like ``x``.
+        """
         return x + self.displacement(x, c)
 
     def extra_repr(self) -> str:
+        """The sizes shown by ``repr``."""
         return f"n_particles={self.n_particles}, n_dims={self.n_dims}"
 
 
 class EGNNVelocity(nn.Module):
     r"""E(n)-equivariant velocity field :math:`v(t, x)` for a continuous normalizing flow.
 
-    ``forward(t, x)`` with ``t`` a scalar tensor (or float) or a ``[B]`` tensor and ``x`` of
-    shape ``[B, N*d]`` returns the mean-free displacement of an :class:`EGNN` whose nodes all
-    receive :math:`t` as an extra invariant feature. There is no identity skip: :math:`v` is
-    translation invariant, and zero at initialisation.
+    ``forward(t, x)`` returns the mean-free displacement :math:`\Delta(x; t)` of an :class:`EGNN`
+    whose nodes all receive :math:`t` as an extra invariant feature. There is no identity skip:
+    :math:`v` is translation invariant, rotation equivariant, and zero at initialisation. It is
+    the field of :meth:`freeflows.CNF.egnn`.
+
+    Args:
+        n_particles: number of particles :math:`N \ge 2`.
+        n_dims: spatial dimension :math:`d`.
+        hidden: width of node features and of every MLP.
+        layers: number of EGNN layers.
+        attention: gate every message.
+
+    References:
+        Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+        (2021), arXiv:2105.09016.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.nets import EGNNVelocity
+        >>> v = EGNNVelocity(n_particles=3, n_dims=2, hidden=8, layers=1)
+        >>> x = torch.randn(5, 6)
+        >>> v(0.5, x).shape, bool((v(0.5, x) == 0).all())  # zero at initialisation
+        (torch.Size([5, 6]), True)
     """
 
     def __init__(
         self, n_particles: int, n_dims: int, hidden: int = 64, layers: int = 4, attention: bool = True
-    ):
+    ) -> None:
         super().__init__()
         self.net = EGNN(n_particles, n_dims, hidden, layers, attention, condition_dim=1)
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """The velocity at time ``t``.
+
+        Args:
+            t: a float, a scalar tensor, or one time per row ``[B]``.
+            x: coordinates ``[B, N*d]``, particle-major.
+
+        Returns:
+            :math:`v(t, x)`, shaped like ``x``, with zero mean over the particles.
+        """
         t = torch.as_tensor(t).to(x)
         batch = x.shape[0]
         if t.numel() == 1:

@@ -21,8 +21,10 @@ ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU, "softplus": nn.Softplus}
 
 
 class TimeMLP(nn.Module):
-    """Velocity :math:`f(t, x, c)`: ``[B, features] -> [B, features]`` (any event shape with
-    ``features`` elements is flattened and restored).
+    r"""Velocity :math:`f(t, x, c)` of a continuous normalizing flow, an MLP with time and
+    condition fed to every layer (see the module docstring): ``[B, features] -> [B, features]``
+    (any event shape with ``features`` elements is flattened and restored). It is the field that
+    ``CNF(features)`` builds.
 
     Args:
         features: number of elements of ``x``.
@@ -30,7 +32,19 @@ class TimeMLP(nn.Module):
         layers: number of hidden layers (``>= 1``).
         condition_dim: number of condition features; ``0`` for an unconditional field.
         activation: ``"tanh"``, ``"silu"`` or ``"softplus"``.
-        zero_init: start the output layer at zero (the field is then :math:`f \\equiv 0`).
+        zero_init: start the output layer at zero (the field is then :math:`f \equiv 0`).
+
+    References:
+        Grathwohl, Chen, Bettencourt, Sutskever and Duvenaud, "FFJORD: Free-form Continuous
+        Dynamics for Scalable Reversible Generative Models" (2018), arXiv:1810.01367.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.nets import TimeMLP
+        >>> f = TimeMLP(2, hidden=16, condition_dim=1, zero_init=False)
+        >>> x, c = torch.randn(5, 2), torch.randn(5, 1)
+        >>> f(0.3, x, c).shape, f(torch.full((5,), 0.3), x, c).shape
+        (torch.Size([5, 2]), torch.Size([5, 2]))
     """
 
     def __init__(
@@ -41,7 +55,7 @@ class TimeMLP(nn.Module):
         condition_dim: int = 0,
         activation: str = "tanh",
         zero_init: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         for name, value in (("features", features), ("hidden", hidden), ("layers", layers)):
             if not isinstance(value, int) or value < 1:
@@ -62,6 +76,16 @@ class TimeMLP(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     def forward(self, t: Tensor | float, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """The velocity at time ``t``.
+
+        Args:
+            t: a float, a scalar tensor, or one time per row ``[B]``.
+            x: states ``[B, *event]`` with ``features`` elements per row.
+            c: conditions ``[B, condition_dim]``; required exactly when ``condition_dim > 0``.
+
+        Returns:
+            :math:`f(t, x, c)`, shaped like ``x``.
+        """
         if (c is None) != (self.condition_dim == 0):
             raise ValueError(
                 f"TimeMLP built with condition_dim={self.condition_dim} but c is "
@@ -77,4 +101,5 @@ class TimeMLP(nn.Module):
         return self.out(torch.cat([h, extra], dim=-1)).reshape(x.shape)
 
     def extra_repr(self) -> str:
+        """The sizes shown by ``repr``."""
         return f"features={self.features}, condition_dim={self.condition_dim}"
