@@ -15,6 +15,15 @@ import pytest
 
 #: The core library's modules whose docstrings carry examples (not the tool's).
 CORE_MODULES = [
+    "freeflows.checks",
+    "freeflows.conditioning",
+    "freeflows.contract",
+    "freeflows.distributions",
+    "freeflows.hutchinson",
+    "freeflows.inversion",
+    "freeflows.jacobian",
+    "freeflows.serialization",
+    "freeflows.tangents",
     "freeflows.transforms",
     "freeflows.transforms.autoregressive",
     "freeflows.transforms.base",

@@ -24,12 +24,36 @@ from torch import Tensor, nn
 
 
 def numel(shape: tuple[int, ...]) -> int:
+    """The number of elements of a tensor of shape ``shape`` (``1`` for ``()``).
+
+    Args:
+        shape: a shape.
+
+    Example:
+        >>> from freeflows.checks import numel
+        >>> numel((3, 4)), numel(())
+        (12, 1)
+    """
     return int(math.prod(shape))
 
 
 def module_dtype_device(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
-    """The dtype and device of a module's first floating parameter (else buffer), or ``None``s
-    when it has none."""
+    """The dtype and device of a module's first floating parameter (else buffer).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``(dtype, device)``, or ``(None, None)`` when the module has no floating tensor.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.checks import module_dtype_device
+        >>> module_dtype_device(torch.nn.Linear(2, 2).double())
+        (torch.float64, device(type='cpu'))
+        >>> module_dtype_device(torch.nn.ReLU())
+        (None, None)
+    """
     for tensors in (module.parameters(), module.buffers()):
         for t in tensors:
             if t.is_floating_point():
@@ -68,7 +92,23 @@ def _check_finite(t: Tensor, name: str, batch: tuple[int, ...]) -> None:
 
 
 def check_count(n: object) -> int:
-    """``n`` as a positive ``int`` (the number of draws)."""
+    """``n`` as a positive ``int``, the number of draws of ``sample(n)``.
+
+    Args:
+        n: any object; integers and integer-like objects (``operator.index``) pass.
+
+    Raises:
+        ValueError: unless ``n`` is an integer ``>= 1`` (a ``bool`` is refused).
+
+    Example:
+        >>> from freeflows.checks import check_count
+        >>> check_count(5)
+        5
+        >>> check_count(0)
+        Traceback (most recent call last):
+            ...
+        ValueError: n must be a positive integer, got 0
+    """
     try:
         value = operator.index(n)  # type: ignore[arg-type]
     except TypeError:
@@ -79,7 +119,23 @@ def check_count(n: object) -> int:
 
 
 def check_condition_dim(condition_dim: object) -> int | None:
-    """``condition_dim`` as a positive ``int`` or ``None``."""
+    """``condition_dim`` as a positive ``int`` or ``None`` (an unconditional model).
+
+    Args:
+        condition_dim: the value given to a model's constructor.
+
+    Raises:
+        ValueError: for anything else (``0``, negative numbers, floats, ``bool``).
+
+    Example:
+        >>> from freeflows.checks import check_condition_dim
+        >>> check_condition_dim(3), check_condition_dim(None)
+        (3, None)
+        >>> check_condition_dim(0)
+        Traceback (most recent call last):
+            ...
+        ValueError: condition_dim must be a positive integer or None, got 0
+    """
     if condition_dim is not None and (
         isinstance(condition_dim, bool) or not isinstance(condition_dim, int) or condition_dim < 1
     ):
@@ -93,7 +149,31 @@ def check_condition(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> Tensor | None:
-    """Check ``c`` (``[*cbatch, C]``) against a model's ``condition_dim``, dtype and device."""
+    """Check a condition against a model's ``condition_dim``, dtype and device.
+
+    Args:
+        c: conditions ``[*cbatch, C]``, or ``None``.
+        condition_dim: the model's ``C``, or ``None`` for an unconditional model.
+        dtype: the model's dtype, or ``None`` to accept any floating dtype.
+        device: the model's device, or ``None`` to accept any.
+
+    Returns:
+        ``c`` unchanged.
+
+    Raises:
+        ValueError: one line naming the problem (a missing or unexpected condition, the wrong
+            size, dtype or device, or a non-finite value).
+
+    Example:
+        >>> import torch
+        >>> from freeflows.checks import check_condition
+        >>> check_condition(torch.zeros(4, 2), 2).shape
+        torch.Size([4, 2])
+        >>> check_condition(None, 2)
+        Traceback (most recent call last):
+            ...
+        ValueError: this model is conditional: pass c with 2 features
+    """
     if condition_dim is None:
         if c is not None:
             raise ValueError("a condition c was given, but this model is unconditional")
@@ -117,9 +197,30 @@ def check_inputs(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor | None, torch.Size]:
-    """Check data ``x`` (``[*batch, *event]``) and its condition; return ``x`` as
-    ``[B, *event]``, ``c`` as ``[B, C]`` (or ``None``) and the batch shape (broadcast with ``c``'s),
-    whose product is ``B``."""
+    """Check data and its condition, and flatten the batch.
+
+    Args:
+        x: data ``[*batch, *event]``.
+        c: conditions ``[*cbatch, C]`` with ``cbatch`` broadcastable to ``batch``, or ``None``.
+        event_shape: the model's event shape.
+        condition_dim: the model's ``C``, or ``None``.
+        dtype: the model's dtype, or ``None`` to accept any floating dtype.
+        device: the model's device, or ``None`` to accept any.
+
+    Returns:
+        ``(x, c, batch)``: ``x`` as ``[B, *event]``, ``c`` as ``[B, C]`` (or ``None``), and the
+        batch shape (``x``'s, broadcast with ``c``'s), whose product is ``B``.
+
+    Raises:
+        ValueError: one line naming the problem.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.checks import check_inputs
+        >>> x, c, batch = check_inputs(torch.zeros(5, 2), torch.zeros(3, 1, 4), (2,), 4)
+        >>> x.shape, c.shape, batch
+        (torch.Size([15, 2]), torch.Size([15, 4]), torch.Size([3, 5]))
+    """
     _check_tensor(x, "x", dtype, device)
     event = tuple(event_shape)
     k = x.dim() - len(event)
@@ -151,9 +252,27 @@ def draw_conditions(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> tuple[int, Tensor | None, torch.Size]:
-    """For ``sample(n, c)``: the number of rows to draw, ``n`` times the number of conditions, the
-    condition of each row (``[rows, C]``, all conditions in turn, ``n`` times) and the leading
-    shape ``[n, *cbatch]`` that the draws take."""
+    """The rows to draw for ``sample(n, c)``: ``n`` draws for each condition.
+
+    Args:
+        n: the number of draws per condition.
+        c: conditions ``[*cbatch, C]``, or ``None``.
+        condition_dim: the model's ``C``, or ``None``.
+        dtype: the model's dtype, or ``None`` to accept any floating dtype.
+        device: the model's device, or ``None`` to accept any.
+
+    Returns:
+        ``(rows, c_rows, lead)``: the number of rows, ``n`` times the number of conditions; the
+        condition of each row, ``[rows, C]`` (all conditions in turn, ``n`` times) or ``None``;
+        and the leading shape ``[n, *cbatch]`` that the draws take.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.checks import draw_conditions
+        >>> rows, c_rows, lead = draw_conditions(5, torch.zeros(3, 2), 2)
+        >>> rows, c_rows.shape, lead
+        (15, torch.Size([15, 2]), torch.Size([5, 3]))
+    """
     n = check_count(n)
     c = check_condition(c, condition_dim, dtype, device)
     if c is None:
@@ -164,7 +283,21 @@ def draw_conditions(
 
 
 def check_options(kind: str, options: Iterable[str], valid: Iterable[str]) -> None:
-    """Raise :class:`ValueError` naming any option of a model ``kind`` outside ``valid``."""
+    """Raise :class:`ValueError` naming any option of a model outside ``valid``.
+
+    Args:
+        kind: the model's name, for the message.
+        options: the names of the options given.
+        valid: the names of the options that the model takes.
+
+    Example:
+        >>> from freeflows.checks import check_options
+        >>> check_options("CNF", ["rtol"], ["rtol", "atol"])
+        >>> check_options("CNF", ["rtl"], ["rtol", "atol"])
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown option(s) rtl for CNF; valid options: rtol, atol
+    """
     valid = list(valid)
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -11,7 +11,18 @@ from torch import Tensor, nn
 
 
 def accepts_condition(net: nn.Module) -> bool:
-    """Whether ``net.forward`` takes a parameter named ``c``."""
+    """Whether ``net.forward`` takes a parameter named ``c``.
+
+    Args:
+        net: any module.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.conditioning import accepts_condition
+        >>> from freeflows.nets import ResNet
+        >>> accepts_condition(ResNet(2)), accepts_condition(torch.nn.Linear(2, 2))
+        (True, False)
+    """
     try:
         return "c" in inspect.signature(net.forward).parameters
     except (TypeError, ValueError):
@@ -19,7 +30,25 @@ def accepts_condition(net: nn.Module) -> bool:
 
 
 def call_with_condition(net: nn.Module, x: Tensor, c: Tensor | None, takes_c: bool) -> Tensor:
-    """Evaluate ``net`` on ``x`` given ``c`` following the rule above."""
+    """Evaluate ``net`` on ``x`` given ``c``, following the rule of the module docstring.
+
+    Args:
+        net: the network.
+        x: inputs ``[B, *event]``.
+        c: conditions ``[B, C]``, or ``None`` (then ``net(x)``).
+        takes_c: whether ``net`` takes ``c`` itself (:func:`accepts_condition`); otherwise it
+            sees the flattened input and ``c`` concatenated, ``[B, D + C]``.
+
+    Returns:
+        ``net``'s output, reshaped like ``x`` when it has as many elements.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.conditioning import call_with_condition
+        >>> net = torch.nn.Linear(2 + 1, 2)  # sees [x, c]
+        >>> call_with_condition(net, torch.randn(4, 2), torch.randn(4, 1), takes_c=False).shape
+        torch.Size([4, 2])
+    """
     if c is None:
         return net(x)
     if takes_c:
@@ -33,8 +62,24 @@ UNDECLARED = "undeclared"
 
 
 def declared_condition_dim(net: nn.Module) -> int | None | str:
-    """The condition size a network declares: its ``condition_dim`` attribute (``0`` meaning
-    none, returned as ``None``), or :data:`UNDECLARED`."""
+    """The condition size that a network declares.
+
+    Args:
+        net: any module.
+
+    Returns:
+        Its ``condition_dim`` attribute (``0`` meaning none, returned as ``None``), or
+        :data:`UNDECLARED` when it has no integer ``condition_dim``.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.conditioning import declared_condition_dim
+        >>> from freeflows.nets import ResNet
+        >>> declared_condition_dim(ResNet(2, condition_dim=3)), declared_condition_dim(ResNet(2))
+        (3, None)
+        >>> declared_condition_dim(torch.nn.Linear(2, 2))
+        'undeclared'
+    """
     value = getattr(net, "condition_dim", None)
     if isinstance(value, int) and not isinstance(value, bool):
         return value or None
@@ -42,9 +87,29 @@ def declared_condition_dim(net: nn.Module) -> int | None | str:
 
 
 def resolve_condition_dim(condition_dim: int | None, nets: dict[str, nn.Module]) -> int | None:
-    """The model's condition size, declared once: ``condition_dim`` if given, else the size that
-    the networks declare (``None`` if they declare none). Any network that declares a different
-    size is a :class:`ValueError`, so that a mismatch never builds."""
+    """A model's condition size, declared once.
+
+    Args:
+        condition_dim: the size given to the model, or ``None``.
+        nets: the model's networks by name (the names appear in errors).
+
+    Returns:
+        ``condition_dim`` if given, else the size that the networks declare (``None`` if they
+        declare none).
+
+    Raises:
+        ValueError: if a network declares a different size, so that a mismatch never builds.
+
+    Example:
+        >>> from freeflows.conditioning import resolve_condition_dim
+        >>> from freeflows.nets import ResNet
+        >>> resolve_condition_dim(None, {"encoder": ResNet(2, condition_dim=3)})
+        3
+        >>> resolve_condition_dim(2, {"encoder": ResNet(2, condition_dim=3)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: condition_dim=2, but the encoder network was built for 3 condition features...
+    """
     declared = {name: declared_condition_dim(net) for name, net in nets.items()}
     known = {name: d for name, d in declared.items() if d != UNDECLARED}
     sizes = set(known.values())

@@ -41,8 +41,18 @@ from .checks import check_inputs, draw_conditions, module_dtype_device
 
 @dataclass
 class Loss:
-    """A training objective: ``value`` is the scalar to minimise, ``parts`` are detached scalars
-    to log (for example ``nll`` and ``reconstruction``)."""
+    """A training objective of a batch, as returned by every model's ``loss``.
+
+    Args:
+        value: the scalar to minimise (with a graph).
+        parts: detached scalars to log (for example ``nll`` and ``reconstruction``).
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> loss = ff.RealNVP(2).loss(torch.randn(16, 2))
+        >>> loss.value.shape, loss.value.requires_grad, sorted(loss.parts)
+        (torch.Size([]), True, ['nll'])
+    """
 
     value: Tensor
     parts: dict[str, Tensor] = field(default_factory=dict)
@@ -51,20 +61,44 @@ class Loss:
 class NumericalError(ArithmeticError):
     """A model could not compute a finite result for this input, for example because an adaptive
     ODE solve failed (its step size underflowed, or it took more than the allowed steps). The
-    training runner treats it in ``loss`` like a non-finite loss: the batch is skipped and counted."""
+    training runner treats it in ``loss`` like a non-finite loss: the batch is skipped and counted.
+
+    Example:
+        >>> from freeflows.contract import NumericalError
+        >>> try:
+        ...     raise NumericalError("the ODE solve failed")
+        ... except ArithmeticError as err:
+        ...     print(type(err).__name__, err)
+        NumericalError the ODE solve failed
+    """
 
 
 @runtime_checkable
 class DensityModel(Protocol):
-    """Structural type of every freeflows model (and of any model the tool can train)."""
+    """Structural type of every freeflows model (and of any model the tool can train): the four
+    methods of the contract (see the module docstring).
 
-    def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor: ...
+    Example:
+        >>> import freeflows as ff
+        >>> isinstance(ff.RealNVP(2), ff.DensityModel), isinstance(ff.StandardNormal(2), ff.DensityModel)
+        (True, False)
+    """
 
-    def sample(self, n: int, c: Tensor | None = None) -> Tensor: ...
+    def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """Log-density ``[*batch]`` of ``x`` (``[*batch, *event]``) given ``c``."""
+        ...
 
-    def sample_and_log_prob(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+    def sample(self, n: int, c: Tensor | None = None) -> Tensor:
+        """``n`` draws ``[n, *cbatch, *event]`` without a graph."""
+        ...
 
-    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss: ...
+    def sample_and_log_prob(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draws as ``sample`` and the exact log-density of each, ``[n, *cbatch]``."""
+        ...
+
+    def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
+        """The training objective of a batch."""
+        ...
 
 
 class DensityModule(nn.Module):
@@ -86,6 +120,34 @@ class DensityModule(nn.Module):
 
     ``_settings`` names attributes that users may change after construction (for example a
     free-form flow's ``sample_refine_steps``); :func:`freeflows.save` stores their values.
+
+    Example:
+        >>> import math, torch
+        >>> from freeflows import DensityModule, Loss
+        >>> class Gaussian(DensityModule):  # N(loc, I) on vectors of d numbers
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.event_shape, self.condition_dim = (d,), None
+        ...         self.loc = torch.nn.Parameter(torch.zeros(d))
+        ...     def _log_prob(self, x, c):
+        ...         return -0.5 * (x - self.loc).square().sum(1) - 0.5 * len(self.loc) * math.log(2 * math.pi)
+        ...     def _rsample(self, n, c, generator):
+        ...         return self.loc + torch.randn(n, len(self.loc), generator=generator)
+        ...     def _sample_and_log_prob(self, n, c, generator):
+        ...         x = self._rsample(n, c, generator)
+        ...         return x, self._log_prob(x, c)
+        ...     def _loss(self, x, c):
+        ...         nll = -self._log_prob(x, c).mean()
+        ...         return Loss(nll, {"nll": nll.detach()})
+        >>> model = Gaussian(2)
+        >>> model.log_prob(torch.zeros(3, 4, 2)).shape  # any batch shape
+        torch.Size([3, 4])
+        >>> model.sample(5).shape, model.sample(5).requires_grad, model.rsample(5).requires_grad
+        (torch.Size([5, 2]), False, True)
+        >>> model.log_prob(torch.zeros(2, 2, dtype=torch.float64))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: x has dtype torch.float64 but the model is torch.float32: convert x with ...
     """
 
     event_shape: tuple[int, ...]
@@ -127,33 +189,121 @@ class DensityModule(nn.Module):
 
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Same as :meth:`log_prob`."""
+        """Same as :meth:`log_prob`, so that ``model(x, c)`` is the log-density.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``; ``None`` for an
+                unconditional model.
+
+        Returns:
+            ``[*batch]``.
+        """
         return self.log_prob(x, c)
 
     def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Log-density ``[*batch]`` of ``x`` (``[*batch, *event]``) given ``c`` (``[C]`` or
-        broadcastable to ``[*batch, C]``)."""
+        """Log-density (nats) of ``x`` under the distribution that :meth:`sample` draws from.
+
+        Args:
+            x: data ``[*batch, *event]``, any number of batch dimensions.
+            c: conditions ``[C]`` (the same for every row) or broadcastable to ``[*batch, C]``;
+                ``None`` for an unconditional model.
+
+        Returns:
+            ``[*batch]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.RealNVP(2, condition_dim=3)
+            >>> flow.log_prob(torch.randn(7, 5, 2), torch.randn(3)).shape
+            torch.Size([7, 5])
+        """
         return self._per_row(self._log_prob, x, c)
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Like :meth:`sample`, with gradients to the parameters (reparametrised draws)."""
+        """Like :meth:`sample`, with gradients to the parameters (reparametrised draws).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *cbatch, *event]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> x = ff.RealNVP(2).rsample(4)
+            >>> x.shape, x.requires_grad
+            (torch.Size([4, 2]), True)
+        """
         return self._draw(self._rsample, n, c, generator)
 
     @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws ``[n, *event]``, or ``[n, *cbatch, *event]`` with ``c`` of shape
-        ``[*cbatch, C]`` (``n`` draws for each condition). No gradients (see :meth:`rsample`)."""
+        """Draws from the model, without gradients (see :meth:`rsample`).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]`` (``n`` draws for each), or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *event]``, or ``[n, *cbatch, *event]`` with a condition.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.RealNVP(2, condition_dim=3)
+            >>> flow.sample(5, torch.randn(3)).shape, flow.sample(5, torch.randn(4, 3)).shape
+            (torch.Size([5, 2]), torch.Size([5, 4, 2]))
+            >>> gen = lambda: torch.Generator().manual_seed(0)
+            >>> torch.equal(flow.sample(5, torch.ones(3), gen()), flow.sample(5, torch.ones(3), gen()))
+            True
+        """
         return self._draw(self._sample, n, c, generator)
 
     @torch.no_grad()
     def sample_and_log_prob(
         self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Draws as :meth:`sample` and the exact log-density of each, ``[n, *cbatch]``."""
+        """Draws as :meth:`sample` and the exact log-density of each under the distribution that
+        drew it (for importance weights).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``(x, log_q)``, ``[n, *cbatch, *event]`` and ``[n, *cbatch]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.RealNVP(2)
+            >>> x, log_q = flow.sample_and_log_prob(6)
+            >>> x.shape, log_q.shape, torch.allclose(log_q, flow.log_prob(x), atol=1e-5)
+            (torch.Size([6, 2]), torch.Size([6]), True)
+        """
         return self._draw(self._sample_and_log_prob, n, c, generator)
 
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
-        """The training objective of a batch ``[*batch, *event]`` (a mean over all rows)."""
+        """The training objective of a batch (a mean over all rows).
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+
+        Returns:
+            :class:`Loss`: ``value`` to minimise and detached ``parts`` to log.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.RealNVP(2)
+            >>> loss = flow.loss(torch.randn(32, 2))
+            >>> loss.value.backward()
+            >>> all(p.grad is not None for p in flow.parameters())
+            True
+        """
         x, c, _ = self._check(x, c)
         return self._loss(x, c)
 

@@ -23,14 +23,28 @@ LOG_TWO_PI = math.log(2 * math.pi)
 
 
 class StandardNormal(nn.Module):
-    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on an event of shape ``shape``.
+    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on an event of shape ``shape``,
 
-    .. math:: \log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi
+    .. math:: \log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi ,
+
+    with :math:`D` the number of elements of one event. It follows the module's dtype and
+    device (``.to(...)``, ``.double()``).
+
+    Args:
+        shape: the event shape, as integers or as one tuple.
+
+    Example:
+        >>> import torch
+        >>> from freeflows import StandardNormal
+        >>> latent = StandardNormal(2)
+        >>> z = latent.sample(5)
+        >>> z.shape, latent.log_prob(torch.zeros(1, 2))  # -log(2 pi)
+        (torch.Size([5, 2]), tensor([-1.8379]))
     """
 
     basis: Tensor | None = None
 
-    def __init__(self, *shape: int):
+    def __init__(self, *shape: int) -> None:
         super().__init__()
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
@@ -41,14 +55,31 @@ class StandardNormal(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Degrees of freedom of the support."""
+        """Degrees of freedom of the support, :math:`D`."""
         return numel(self.event_shape)
 
     def log_prob(self, z: Tensor) -> Tensor:
+        """Log-density of a batch.
+
+        Args:
+            z: points ``[B, *event_shape]``.
+
+        Returns:
+            ``[B]``.
+        """
         sq = z.reshape(z.shape[0], -1).square().sum(dim=1)
         return -0.5 * sq - 0.5 * self.dim * LOG_TWO_PI
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` points.
+
+        Args:
+            n: the number of draws.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *event_shape]``, in the module's dtype and on its device.
+        """
         return torch.randn(
             (n, *self.event_shape),
             generator=generator,
@@ -57,6 +88,7 @@ class StandardNormal(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The event shape, shown by ``repr``."""
         return f"event_shape={self.event_shape}"
 
 
@@ -67,6 +99,22 @@ def mean_free_basis(n_particles: int, n_dims: int) -> Tensor:
     Per coordinate axis, the Helmert vectors :math:`h_k = (1, \dots, 1, -k, 0, \dots) /
     \sqrt{k(k+1)}` (``k`` ones) are orthonormal and orthogonal to :math:`\mathbf 1`;
     :math:`Q = H \otimes I_d`.
+
+    Args:
+        n_particles: :math:`N \ge 2`.
+        n_dims: :math:`d \ge 1`.
+
+    Returns:
+        :math:`Q`, ``[N*d, (N-1)*d]``, in float64.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.distributions import mean_free_basis
+        >>> q = mean_free_basis(3, 2)
+        >>> q.shape, torch.allclose(q.T @ q, torch.eye(4, dtype=torch.float64))
+        (torch.Size([6, 4]), True)
+        >>> torch.allclose(q.reshape(3, 2, 4).sum(0), torch.zeros(2, 4, dtype=torch.float64))
+        True
     """
     n = n_particles
     h = torch.zeros(n, n - 1, dtype=torch.float64)
@@ -90,10 +138,30 @@ class MeanFreeNormal(nn.Module):
 
     This is the density with respect to the Lebesgue measure of the subspace, the convention that
     equivariant-flow papers report. ``log_prob`` first removes any centre-of-mass component of its
-    input (it measures the projected point); events are flattened to ``[N * d]``.
+    input (it measures the projected point); events are flattened to ``[N * d]``. The ``basis``
+    :math:`Q` (:func:`mean_free_basis`) tells the models to take log-determinants and Hutchinson
+    probes within the subspace.
+
+    Args:
+        n_particles: :math:`N \ge 2`.
+        n_dims: :math:`d \ge 1`.
+
+    References:
+        Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+        (2021), arXiv:2105.09016.
+
+    Example:
+        >>> import torch
+        >>> from freeflows import MeanFreeNormal
+        >>> latent = MeanFreeNormal(3, 2)
+        >>> z = latent.sample(4)
+        >>> z.shape, latent.dim, torch.allclose(z.reshape(4, 3, 2).sum(1), torch.zeros(4, 2), atol=1e-6)
+        (torch.Size([4, 6]), 4, True)
+        >>> latent.log_prob(torch.zeros(1, 6))  # -(4/2) log(2 pi)
+        tensor([-3.6758])
     """
 
-    def __init__(self, n_particles: int, n_dims: int):
+    def __init__(self, n_particles: int, n_dims: int) -> None:
         super().__init__()
         if n_particles < 2 or n_dims < 1:
             raise ValueError(
@@ -118,19 +186,45 @@ class MeanFreeNormal(nn.Module):
         return (self.n_particles - 1) * self.n_dims
 
     def center(self, x: Tensor) -> Tensor:
-        """Subtract each configuration's centre of mass."""
+        r"""Subtract each configuration's centre of mass, :math:`x_i - \frac1N \sum_j x_j`.
+
+        Args:
+            x: configurations ``[B, N*d]`` (or any shape ``[B, ...]`` with ``N*d`` numbers per
+                row), particle-major.
+
+        Returns:
+            The centred configurations, shaped like ``x``.
+        """
         p = x.reshape(x.shape[0], self.n_particles, self.n_dims)
         return (p - p.mean(dim=1, keepdim=True)).reshape(x.shape)
 
     def log_prob(self, z: Tensor) -> Tensor:
+        """Log-density of a batch, of the centred points (see the class docstring).
+
+        Args:
+            z: configurations ``[B, N*d]``.
+
+        Returns:
+            ``[B]``.
+        """
         sq = self.center(z).reshape(z.shape[0], -1).square().sum(dim=1)
         return -0.5 * sq - 0.5 * self.dim * LOG_TWO_PI
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` configurations with zero centre of mass.
+
+        Args:
+            n: the number of draws.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, N*d]``, in the module's dtype and on its device.
+        """
         eps = torch.randn(
             (n, *self.event_shape), generator=generator, device=self.basis.device, dtype=self.basis.dtype
         )
         return self.center(eps)
 
     def extra_repr(self) -> str:
+        """The sizes shown by ``repr``."""
         return f"n_particles={self.n_particles}, n_dims={self.n_dims}"

@@ -28,7 +28,25 @@ HUTCHINSON_MODES: tuple[str, ...] = ("gaussian", "rademacher", "sphere")
 
 
 def check_hutchinson(mode: str, samples: int, dim: int) -> None:
-    """Raise :class:`ValueError` for an unknown mode or an impossible number of samples."""
+    """Check a probe distribution and a number of probes per row.
+
+    Args:
+        mode: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+        samples: probes per row, ``>= 1``.
+        dim: the dimension ``m`` the probes live in.
+
+    Raises:
+        ValueError: for an unknown mode, a number of samples that is not a positive integer, or
+            more than ``dim`` samples in the ``"sphere"`` mode (whose probes are orthogonal).
+
+    Example:
+        >>> from freeflows.hutchinson import check_hutchinson
+        >>> check_hutchinson("sphere", 2, 3)
+        >>> check_hutchinson("sphere", 4, 3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: hutchinson_samples=4 exceeds the dimension 3: ...
+    """
     if mode not in HUTCHINSON_MODES:
         raise ValueError(f"unknown Hutchinson mode {mode!r}; choose one of {', '.join(HUTCHINSON_MODES)}")
     if not isinstance(samples, int) or samples < 1:
@@ -51,8 +69,41 @@ def hutchinson_vectors(
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw ``k`` probe vectors per row: ``[k, batch, D]`` with :math:`E[v v^T] = I` (or the
-    projector :math:`QQ^T` when ``basis`` is given; then ``dim`` is the subspace dimension)."""
+    r"""Draw ``k`` probe vectors per row with :math:`\mathbb E[v v^\top] = I`, so that
+    :math:`\mathbb E[v^\top A v] = \operatorname{tr} A` for any square :math:`A` (see the
+    module docstring for the three distributions).
+
+    Args:
+        k: probes per row (at most ``dim`` in the ``"sphere"`` mode).
+        batch: number of rows ``B``.
+        dim: dimension ``m`` of each probe: ``D``, or the subspace dimension with ``basis``.
+        mode: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+        basis: orthonormal ``[D, m]``; the probes are then :math:`Qv`, with
+            :math:`\mathbb E[(Qv)(Qv)^\top] = QQ^\top`, the projector onto the subspace.
+        device: device of the result.
+        dtype: dtype of the result.
+        generator: random number generator, for reproducible draws.
+
+    Returns:
+        ``[k, B, m]``, or ``[k, B, D]`` with a ``basis``.
+
+    References:
+        Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
+        smoothing splines", Communications in Statistics - Simulation and Computation 18(3)
+        (1989).
+
+    Example:
+        >>> import torch
+        >>> from freeflows import hutchinson_vectors
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> v = hutchinson_vectors(3, 2, 3, "sphere", generator=gen)
+        >>> v.shape
+        torch.Size([3, 2, 3])
+        >>> a = torch.randn(3, 3, generator=gen)
+        >>> estimate = torch.einsum("kbi,ij,kbj->b", v, a, v) / 3  # k = m orthogonal probes
+        >>> torch.allclose(estimate, torch.trace(a).expand(2), atol=1e-5)
+        True
+    """
     check_hutchinson(mode, k, dim)
     kw = {"device": device, "dtype": dtype, "generator": generator}
     if mode == "gaussian":

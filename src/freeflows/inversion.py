@@ -66,6 +66,21 @@ def invert_encoder(
 
     Returns:
         ``(x, residual)``: the best iterate per row and its :math:`\lVert f(x) - z\rVert`, ``[B]``.
+
+    References:
+        Draxler, Sorrenson, Zimmermann, Rousselot and Köthe, "Free-form flows: Make Any
+        Architecture a Normalizing Flow" (AISTATS 2024), arXiv:2310.16624 (the free-form flow
+        whose encoder this inverts).
+
+    Example:
+        >>> import torch
+        >>> from freeflows.inversion import invert_encoder
+        >>> f = lambda x, c=None: x + 0.2 * torch.sin(x)  # the encoder
+        >>> g = lambda z, c=None: z - 0.2 * torch.sin(z)  # an approximate inverse
+        >>> z = torch.randn(6, 2)
+        >>> x, residual = invert_encoder(f, g, z, steps=20)
+        >>> bool((residual < 1e-5).all()), torch.allclose(f(x), z, atol=1e-5)
+        (True, True)
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -95,7 +110,23 @@ def _project(r: Tensor, q: Tensor | None) -> Tensor:
 
 
 class DecoderInverse(NamedTuple):
-    """Result of :func:`invert_decoder`, one entry per row."""
+    """Result of :func:`invert_decoder`, one entry per row.
+
+    Attributes:
+        z: the best iterate.
+        jacobian: :math:`J_g` at ``z``.
+        residual: the residual at ``z``.
+        converged: whether ``residual`` is within the tolerance.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.inversion import invert_decoder
+        >>> g = lambda z, c=None: 2 * z
+        >>> vj = lambda z, c=None: (g(z), 2 * torch.eye(2).expand(len(z), 2, 2))
+        >>> out = invert_decoder(vj, g, torch.ones(3, 2), torch.zeros(3, 2))
+        >>> out.z[0], out.converged
+        (tensor([0.5000, 0.5000]), tensor([True, True, True]))
+    """
 
     z: Tensor
     """The best iterate :math:`z`, ``[B, *event]``."""
@@ -108,8 +139,21 @@ class DecoderInverse(NamedTuple):
 
 
 def decoder_tolerance(x: Tensor, rtol: float | None = None) -> Tensor:
-    r"""Per-row tolerance :math:`r (1 + \lVert x\rVert)` of :func:`invert_decoder`, with
-    :math:`r` = ``rtol``, by default ``1e-4`` in float32 and ``1e-9`` in float64."""
+    r"""Per-row tolerance :math:`r (1 + \lVert x\rVert)` of :func:`invert_decoder`.
+
+    Args:
+        x: the points ``[B, *event]``.
+        rtol: :math:`r`; ``None`` for ``1e-4`` in float32 and ``1e-9`` in float64.
+
+    Returns:
+        ``[B]``.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.inversion import decoder_tolerance
+        >>> decoder_tolerance(torch.tensor([[3.0, 4.0]]), rtol=0.01)  # 0.01 * (1 + 5)
+        tensor([0.0600])
+    """
     if rtol is None:
         rtol = 1e-9 if x.dtype == torch.float64 else 1e-4
     return rtol * (1 + _norms(x))
@@ -131,15 +175,13 @@ def invert_decoder(
     r"""Solve :math:`g(z) = x` for :math:`z`, starting from ``z0`` (see the module docstring).
 
     Each round computes :math:`J_g` at the current iterate (``value_and_jacobian``) and then
-    takes up to ``chord_steps`` steps :math:`z \leftarrow z - lpha J^{-1}(g(z) - x)` with that
+    takes up to ``chord_steps`` steps :math:`z \leftarrow z - \alpha J^{-1}(g(z) - x)` with that
     Jacobian, each a single decoder pass; a step is kept only if it lowers the residual
-    :math:`\lVert g(z) - x
-Vert` (else :math:`lpha` halves, at most 10 times). A round ends
+    :math:`\lVert g(z) - x\rVert` (else :math:`\alpha` halves, at most 10 times). A round ends
     when a row's residual is below a hundredth of the tolerance, stops improving, or shrinks by
-    less than half per step.
-    Rows stop at ``max_jacobians`` Jacobians. With an orthonormal ``basis``
-    :math:`Q \in \mathbb R^{D	imes m}` (a latent on a subspace), steps stay in that subspace:
-    :math:`\delta = Q\,(Q^	op J Q)^{-1} Q^	op (g(z) - x)`.
+    less than half per step. Rows stop at ``max_jacobians`` Jacobians. With an orthonormal
+    ``basis`` :math:`Q \in \mathbb R^{D\times m}` (a latent on a subspace), steps stay in that
+    subspace: :math:`\delta = Q\,(Q^\top J Q)^{-1} Q^\top (g(z) - x)`.
 
     Args:
         value_and_jacobian: ``(z, c) -> (g(z), J_g(z))`` with ``J`` of shape ``[B, D, D]``.

@@ -57,9 +57,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def named_constructor(fn: F) -> F:
-    """Record the arguments of a constructor (``__init__`` or a classmethod) on the model it
-    builds, so that :func:`save` can call it again. The outermost recorded call wins (a named
-    flow's ``__init__`` that calls its base class's is recorded once)."""
+    """Decorate a model's constructor (``__init__`` or a classmethod) so that it records its
+    arguments on the model it builds, and :func:`save` can call it again. The outermost recorded
+    call wins (a named flow's ``__init__`` that calls its base class's is recorded once).
+
+    Args:
+        fn: the constructor; its arguments must be plain values (no ``*args``).
+
+    Returns:
+        The wrapped constructor, marked with ``named_constructor = True``.
+
+    Example:
+        >>> import freeflows as ff
+        >>> name, arguments = ff.RealNVP(3, transforms=2)._constructor
+        >>> name, arguments["features"], arguments["transforms"], arguments["hidden"]  # with defaults
+        ('__init__', 3, 2, 64)
+        >>> ff.FreeFormFlow.resnet(2, hidden=8)._constructor[0]
+        'resnet'
+    """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -132,9 +147,20 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write ``model`` to ``path`` so that :func:`load` restores it exactly (see the module
     docstring for the format and for which models this covers).
 
+    Args:
+        model: a model built by a named constructor of freeflows.
+        path: the file to write.
+
     Raises:
         ValueError: if the model was not built by a named constructor of freeflows (save its
             ``state_dict`` instead), or if a recorded argument is not a plain value.
+
+    Example:
+        >>> import tempfile, pathlib, torch, freeflows as ff
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "maf.pt"
+        >>> ff.save(ff.MAF(3, transforms=2).double(), path)
+        >>> sorted(torch.load(path, weights_only=True))
+        ['arguments', 'class', 'constructor', 'dtype', 'format', 'settings', 'state_dict', 'version']
     """
     recorded = getattr(model, "_constructor", None)
     cls = type(model)
@@ -170,9 +196,30 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 def load(path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a model written by :func:`save`. The file is read with ``weights_only=True``;
-    ``map_location`` goes to :func:`torch.load` and the model is moved to the device of its
-    tensors. The model is returned in training mode, as a freshly built one is."""
+    """Rebuild a model written by :func:`save`: the same constructor with the same arguments,
+    dtype, settings and weights. The file is read with ``weights_only=True``.
+
+    Args:
+        path: a file written by :func:`save`.
+        map_location: passed to :func:`torch.load`; the model is moved to the device of its
+            tensors.
+
+    Returns:
+        The model, in training mode, as a freshly built one is.
+
+    Raises:
+        ValueError: if the file was not written by :func:`save`, or by a version of freeflows
+            with another format.
+
+    Example:
+        >>> import tempfile, pathlib, torch, freeflows as ff
+        >>> model = ff.CNF(2, hidden=8, rtol=1e-4, atol=1e-4)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "cnf.pt"
+        >>> ff.save(model, path)
+        >>> same = ff.load(path)
+        >>> type(same).__name__, same.rtol, same.training
+        ('CNF', 0.0001, True)
+    """
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a model saved by freeflows.save")

@@ -37,7 +37,18 @@ Dual = tuple[Tensor, Tensor]
 
 
 class Unsupported(Exception):
-    """A module without a structured rule met a tangent with a probe dimension."""
+    """A module without a structured rule met several tangents per row (``[B, K, *event]``),
+    which only the structured rules carry; callers then fall back to ``torch.func``.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.tangents import Unsupported, jacobian
+        >>> try:
+        ...     jacobian(torch.nn.Softplus(), torch.randn(2, 3))
+        ... except Unsupported as err:
+        ...     print("no structured rule for", err)
+        no structured rule for Softplus
+    """
 
 
 def _multi(x: Tensor, t: Tensor) -> bool:
@@ -125,13 +136,37 @@ def _dual(module: nn.Module, x: Tensor, t: Tensor, c: Tensor | None) -> Dual:
 
 
 def dual_forward(net: nn.Module, x: Tensor, t: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Dual:
-    r""":math:`(f(x),\ J_f(x)\,t)` for ``f = net`` with the condition rule of
-    :func:`freeflows.conditioning.call_with_condition` (``c`` passed if ``takes_c``, otherwise
-    concatenated to the flattened input); the condition's tangent is zero.
+    r"""A network's output and its forward-mode tangent, :math:`(f(x),\ J_f(x)\,t)`, in one
+    pass; both are differentiable in the network's parameters.
 
-    ``t`` has the shape of ``x`` (one tangent per row) or ``[B, K, *event]`` (``K`` tangents per
-    row, e.g. a basis for a full Jacobian); the latter works only for networks made of the modules
-    listed in the module docstring, and raises :class:`Unsupported` otherwise."""
+    The condition rule is that of :func:`freeflows.conditioning.call_with_condition`; the
+    condition's tangent is zero.
+
+    Args:
+        net: the network :math:`f`.
+        x: inputs ``[B, *event]``.
+        t: tangents, shaped like ``x`` (one per row) or ``[B, K, *event]`` (``K`` per row, e.g. a
+            basis for a full Jacobian); the latter works only for networks made of the modules
+            listed in the module docstring.
+        c: conditions ``[B, C]``, or ``None``.
+        takes_c: whether ``net`` takes ``c`` itself; otherwise it sees ``[x, c]`` concatenated.
+
+    Returns:
+        ``(f(x), J_f(x) t)``, the second shaped like ``t``.
+
+    Raises:
+        Unsupported: for ``K`` tangents per row through a module without a structured rule.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.tangents import dual_forward
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.SiLU(), torch.nn.Linear(8, 3))
+        >>> x, t = torch.randn(4, 3), torch.randn(4, 3)
+        >>> y, jt = dual_forward(net, x, t)
+        >>> _, expected = torch.func.jvp(net, (x,), (t,))
+        >>> torch.allclose(y, net(x), atol=1e-6), torch.allclose(jt, expected, atol=1e-6)
+        (True, True)
+    """
     if c is None or takes_c:
         return _dual(net, x, t, c)
     lead = t.shape[: t.dim() - x.dim() + 1]
@@ -150,9 +185,31 @@ def dual_forward(net: nn.Module, x: Tensor, t: Tensor, c: Tensor | None = None, 
 def value_and_jacobian(
     net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """``(net(x), J)``: the value and the per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by
-    one structured forward pass with the ``D`` basis vectors as tangents; raises
-    :class:`Unsupported` for other networks."""
+    """A network's value and per-row Jacobians by one structured forward pass that carries the
+    ``D`` basis vectors as tangents.
+
+    Args:
+        net: a network made of the modules listed in the module docstring.
+        x: inputs ``[B, *event]``.
+        c: conditions ``[B, C]``, or ``None``.
+        takes_c: whether ``net`` takes ``c`` itself; otherwise it sees ``[x, c]`` concatenated.
+
+    Returns:
+        ``(net(x), J)``, ``[B, *event]`` and ``[B, D, D]``.
+
+    Raises:
+        Unsupported: for other networks.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.tangents import value_and_jacobian
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(5, 2)
+        >>> value, jac = value_and_jacobian(net, x)
+        >>> expected = torch.func.vmap(torch.func.jacrev(net))(x)
+        >>> torch.allclose(value, net(x), atol=1e-6), torch.allclose(jac, expected, atol=1e-6)
+        (True, True)
+    """
     batch, event = x.shape[0], tuple(x.shape[1:])
     dim = x[0].numel()
     basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(dim, *event)
@@ -161,6 +218,27 @@ def value_and_jacobian(
 
 
 def jacobian(net: nn.Module, x: Tensor, c: Tensor | None = None, takes_c: bool = True) -> Tensor:
-    """Per-row Jacobians ``[B, D, D]`` of ``net`` at ``x`` by one structured forward pass with the
-    ``D`` basis vectors as tangents; raises :class:`Unsupported` for other networks."""
+    """Per-row Jacobians of a network by one structured forward pass (the second output of
+    :func:`value_and_jacobian`).
+
+    Args:
+        net: a network made of the modules listed in the module docstring.
+        x: inputs ``[B, *event]``.
+        c: conditions ``[B, C]``, or ``None``.
+        takes_c: whether ``net`` takes ``c`` itself; otherwise it sees ``[x, c]`` concatenated.
+
+    Returns:
+        ``[B, D, D]``.
+
+    Raises:
+        Unsupported: for other networks.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.nets import ResNet
+        >>> from freeflows.tangents import jacobian
+        >>> net = ResNet(3, hidden=8, condition_dim=1)
+        >>> jacobian(net, torch.randn(4, 3), torch.randn(4, 1)).shape
+        torch.Size([4, 3, 3])
+    """
     return value_and_jacobian(net, x, c, takes_c)[1]
