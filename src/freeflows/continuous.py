@@ -70,6 +70,21 @@ and is tight when :math:`q(a \mid x) = \mathcal N(a; 0, I_k)`. Training minimise
 function evaluations that the training backward pass differentiates through: in adjoint mode these
 are the evaluations of the backward (adjoint) solve; with direct backprop, the evaluations of the
 forward solve whose outputs receive a gradient. ``reset_nfe()`` zeroes all three.
+
+References:
+    Chen, Rubanova, Bettencourt and Duvenaud, "Neural Ordinary Differential Equations" (2018),
+    arXiv:1806.07366.
+
+    Grathwohl, Chen, Bettencourt, Sutskever and Duvenaud, "FFJORD: Free-form Continuous Dynamics
+    for Scalable Reversible Generative Models" (2018), arXiv:1810.01367.
+
+    Finlay, Jacobsen, Nurbekyan and Oberman, "How to train your neural ODE: the world of Jacobian
+    and kinetic regularization" (2020), arXiv:2002.02798.
+
+    Dupont, Doucet and Teh, "Augmented Neural ODEs" (2019), arXiv:1904.01681.
+
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
+    smoothing splines", Communications in Statistics - Simulation and Computation 18(3) (1989).
 """
 
 from __future__ import annotations
@@ -114,7 +129,20 @@ SOLVER_OPTIONS: tuple[str, ...] = (
 
 
 class NFECounter:
-    """Running counts of function evaluations, by direction (see the module docstring)."""
+    """Running counts of function evaluations, by direction (see the module docstring):
+    ``forward`` (density), ``backward`` (differentiated by training backward passes) and
+    ``sample``.
+
+    Example:
+        >>> from freeflows.continuous import NFECounter
+        >>> counter = NFECounter()
+        >>> counter.forward += 6
+        >>> counter.forward, counter.backward, counter.sample
+        (6, 0, 0)
+        >>> counter.reset()
+        >>> counter.forward
+        0
+    """
 
     def __init__(self) -> None:
         self.forward = 0
@@ -122,9 +150,15 @@ class NFECounter:
         self.sample = 0
 
     def reset(self) -> None:
+        """Zero all three counts."""
         self.forward = self.backward = self.sample = 0
 
     def count_backward(self, grad: Tensor) -> None:
+        """A tensor hook: count one evaluation each time a gradient flows into a velocity output.
+
+        Args:
+            grad: the gradient (unchanged).
+        """
         self.backward += 1
 
 
@@ -146,6 +180,28 @@ class Dynamics(nn.Module):
     ``direction="transform"`` or ``"sample"``: state :math:`x`, derivative :math:`f` (the first
     counts as the forward direction).
     States are flat, ``[B, D']``; the velocity sees ``state_shape``.
+
+    Args:
+        velocity: the field, ``velocity(t, x)`` or ``velocity(t, x, c)``.
+        state_shape: the shape the velocity sees for one row.
+        takes_c: whether the velocity takes a condition.
+        counter: the :class:`NFECounter` to count evaluations in.
+        direction: ``"density"``, ``"transform"`` or ``"sample"``.
+        trace: ``"exact"`` or ``"hutchinson"`` (density direction only).
+        condition: conditions ``[B, C]``, or ``None``.
+        probe: the Hutchinson probe ``[B, D']``, held fixed during the solve.
+        projector: :math:`QQ^\top` of a latent on a subspace, for the exact trace, or ``None``.
+        chunk_size: rows per ``vmap`` call of the exact trace, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.continuous import Dynamics, NFECounter
+        >>> velocity = lambda t, x: -x  # contracts volume: tr J = -D
+        >>> rhs = Dynamics(velocity, (3,), False, NFECounter(), "density")
+        >>> x = torch.randn(4, 3)
+        >>> f, trace, kinetic, frobenius = rhs(torch.tensor(0.0), (x, *torch.zeros(3, 4)))
+        >>> torch.equal(f, -x), trace.tolist(), frobenius.tolist()
+        (True, [-3.0, -3.0, -3.0, -3.0], [3.0, 3.0, 3.0, 3.0])
     """
 
     def __init__(
@@ -160,7 +216,7 @@ class Dynamics(nn.Module):
         probe: Tensor | None = None,
         projector: Tensor | None = None,
         chunk_size: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.velocity = velocity
         self.chunk_size = chunk_size
@@ -175,7 +231,16 @@ class Dynamics(nn.Module):
         self.active = False  # True while the CNF's own solve runs; adjoint calls come later
 
     def field(self, t: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
-        """:math:`f(t, x, c)` on flat rows ``[B, D']``."""
+        """The velocity :math:`f(t, x, c)` on flat rows.
+
+        Args:
+            t: the time, a 0-dim tensor.
+            x: flat states ``[B, D']``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``[B, D']``.
+        """
         inp = x.reshape(x.shape[0], *self.state_shape)
         out = self.velocity(t, inp) if c is None else self.velocity(t, inp, c)
         if out.shape != inp.shape:
@@ -185,6 +250,18 @@ class Dynamics(nn.Module):
         return out.reshape(x.shape)
 
     def forward(self, t: Tensor, state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        r"""The time derivative of the state, as ``torchdiffeq`` calls it.
+
+        Args:
+            t: the time, a 0-dim tensor.
+            state: :math:`(x, \ell, \mathcal K, \mathcal J)` in the density direction, else
+                :math:`x`; ``x`` is ``[B, D']`` and the others ``[B]``.
+
+        Returns:
+            :math:`(f, \operatorname{tr} J, \lVert f\rVert^2, \lVert J\rVert_F^2)` in the density
+            direction (the trace and norm estimated with the probe in the Hutchinson mode), else
+            :math:`f`.
+        """
         if self.active:
             if self.direction == "sample":
                 self.counter.sample += 1
@@ -278,6 +355,26 @@ class CNF(DensityModule):
 
     A solve that fails (adaptive step size underflow, or more than ``max_num_steps`` steps: a
     stiff or non-finite field) raises :class:`~freeflows.contract.NumericalError`.
+
+    References:
+        Chen, Rubanova, Bettencourt and Duvenaud, "Neural Ordinary Differential Equations"
+        (2018), arXiv:1806.07366.
+        Grathwohl, Chen, Bettencourt, Sutskever and Duvenaud, "FFJORD: Free-form Continuous
+        Dynamics for Scalable Reversible Generative Models" (2018), arXiv:1810.01367.
+        Finlay, Jacobsen, Nurbekyan and Oberman, "How to train your neural ODE: the world of
+        Jacobian and kinetic regularization" (2020), arXiv:2002.02798.
+        Dupont, Doucet and Teh, "Augmented Neural ODEs" (2019), arXiv:1904.01681.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> cnf = ff.CNF(2, condition_dim=1, hidden=16, layers=2, regularization={"kinetic": 0.01})
+        >>> x, c = torch.randn(8, 2), torch.randn(8, 1)
+        >>> loss = cnf.loss(x, c)
+        >>> loss.value.backward()
+        >>> sorted(loss.parts)
+        ['jacobian', 'kinetic', 'nfe_backward', 'nfe_forward', 'nll']
+        >>> cnf.sample(3, c[:2]).shape  # 3 draws for each of 2 conditions
+        torch.Size([3, 2, 2])
     """
 
     _settings = SOLVER_OPTIONS
@@ -305,7 +402,7 @@ class CNF(DensityModule):
         t1: float = 1.0,
         chunk_size: int | None = None,
         max_num_steps: int | None = 10_000,
-    ):
+    ) -> None:
         from .distributions import StandardNormal
         from .nets.velocity import TimeMLP
 
@@ -374,6 +471,18 @@ class CNF(DensityModule):
                 construction fails; ``None`` takes the velocity's.
             augment_dims: augmented dimensions (see the class docstring).
             options: the ODE options of the class docstring (``trace``, ``solver``, ``rtol``, ...).
+
+        Returns:
+            The CNF. :func:`freeflows.save` refuses it (it cannot rebuild your network): save its
+            ``state_dict``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> from freeflows.nets import TimeMLP
+            >>> cnf = ff.CNF.from_velocity(TimeMLP(3, hidden=16), ff.StandardNormal(3), solver="rk4",
+            ...                            step_size=0.25)
+            >>> cnf.sample(4).shape, cnf.nfe_sample  # 4 rk4 steps of 4 evaluations
+            (torch.Size([4, 3]), 16)
         """
         check_options("CNF.from_velocity", options, SOLVER_OPTIONS)
         model = cls.__new__(cls)
@@ -397,8 +506,31 @@ class CNF(DensityModule):
         r"""The equivariant CNF of ``n_particles`` points in ``n_dims`` dimensions (events of
         ``n_particles * n_dims`` numbers, particle-major): an
         :class:`~freeflows.nets.EGNNVelocity` field (``layers`` layers of width ``hidden``) and a
-        :class:`~freeflows.distributions.MeanFreeNormal` latent; unconditional. ``options``: the
-        ODE options of the class docstring."""
+        :class:`~freeflows.distributions.MeanFreeNormal` latent; unconditional. Densities are
+        with respect to the :math:`(N-1)d`-dimensional zero-centre-of-mass subspace.
+
+        Args:
+            n_particles: :math:`N \ge 2`.
+            n_dims: :math:`d`.
+            hidden: width of the EGNN.
+            layers: EGNN layers.
+            attention: gate the messages.
+            options: the ODE options of the class docstring (``trace``, ``solver``, ``rtol``, ...).
+
+        Returns:
+            The CNF; :func:`freeflows.save` can store it.
+
+        References:
+            Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+            (2021), arXiv:2105.09016.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF.egnn(3, 2, hidden=8, layers=1)
+            >>> x = cnf.sample(4)
+            >>> x.shape, torch.allclose(x.reshape(4, 3, 2).mean(1), torch.zeros(4, 2), atol=1e-6)
+            (torch.Size([4, 6]), True)
+        """
         from .distributions import MeanFreeNormal
         from .nets.egnn import EGNNVelocity
 
@@ -494,31 +626,66 @@ class CNF(DensityModule):
     # -- NFE -----------------------------------------------------------------------------------
     @property
     def nfe_forward(self) -> int:
-        """Function evaluations in the density direction (``log_prob``, ``loss``) since the reset."""
+        """Function evaluations in the density direction (``log_prob``, ``loss``) since the reset.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8, solver="euler", step_size=0.5)
+            >>> _ = cnf.log_prob(torch.randn(3, 2))
+            >>> cnf.nfe_forward, cnf.nfe_sample  # two Euler steps
+            (2, 0)
+            >>> cnf.reset_nfe()
+            >>> cnf.nfe_forward
+            0
+        """
         return self.counter.forward
 
     @property
     def nfe_backward(self) -> int:
-        """Function evaluations differentiated through by training backward passes."""
+        """Function evaluations differentiated through by training backward passes since the
+        reset.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8, solver="euler", step_size=0.5)
+            >>> cnf.loss(torch.randn(3, 2)).value.backward()
+            >>> cnf.nfe_backward
+            2
+        """
         return self.counter.backward
 
     @property
     def nfe_sample(self) -> int:
-        """Function evaluations in the sampling direction since the reset."""
+        """Function evaluations in the sampling direction since the reset.
+
+        Example:
+            >>> import freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8, solver="rk4", step_size=0.5)
+            >>> _ = cnf.sample(3)
+            >>> cnf.nfe_sample  # two rk4 steps of four evaluations
+            8
+        """
         return self.counter.sample
 
     def reset_nfe(self) -> None:
+        """Zero the three counts of function evaluations (see :attr:`nfe_forward`)."""
         self.counter.reset()
         self._backward_mark = 0
 
     # -- geometry ------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        """Elements of one event, :math:`D` (without augmented dimensions)."""
+        """Elements of one event, :math:`D` (without augmented dimensions).
+
+        Example:
+            >>> import freeflows as ff
+            >>> ff.CNF((2, 3), augment_dims=2).dim
+            6
+        """
         return numel(self.event_shape)
 
     def _subspace(self) -> tuple[Tensor | None, int]:
-        """Probe basis :math:`\\mathrm{blockdiag}(Q, I_k)` (or ``None``) and its number of columns."""
+        r"""Probe basis :math:`\mathrm{blockdiag}(Q, I_k)` (or ``None``) and its number of columns."""
         q = getattr(self.latent, "basis", None)
         d, k = self.dim, self.augment_dims
         if q is None:
@@ -545,7 +712,7 @@ class CNF(DensityModule):
         t0: float,
         t1: float,
         tolerances: tuple[float, float] | None = None,
-    ):
+    ) -> Tensor | tuple[Tensor, ...]:
         from torchdiffeq import odeint, odeint_adjoint
 
         first = y0 if isinstance(y0, Tensor) else y0[0]
@@ -585,7 +752,7 @@ class CNF(DensityModule):
             dynamics.active = False
         return out[-1] if isinstance(out, Tensor) else tuple(s[-1] for s in out)
 
-    def _dynamics(self, direction: Literal["density", "transform", "sample"], **settings) -> Dynamics:
+    def _dynamics(self, direction: Literal["density", "transform", "sample"], **settings: Any) -> Dynamics:
         return Dynamics(self.velocity, self._state_shape, self._takes_c, self.counter, direction, **settings)
 
     def _density_dynamics(
@@ -618,8 +785,25 @@ class CNF(DensityModule):
         r"""Solve the density ODE from ``x`` (already checked) and return the flat end state:
         ``z`` (``[B, D']``), ``log_prob`` (of the augmented point :math:`(x, a)` when augmented),
         ``trace_integral`` :math:`\ell(t_1)`, ``kinetic`` and ``jacobian`` (``[B]`` each), ``a``
-        (the augmented draw, ``[B, k]``) and ``nfe`` (this solve's count). ``tolerances``
-        ``(rtol, atol)`` overrides the model's ``rtol``/``atol``."""
+        (the augmented draw, ``[B, k]``) and ``nfe`` (this solve's count).
+
+        Args:
+            x: checked data ``[B, *event]``.
+            c: conditions ``[B, C]``, or ``None``.
+            trace: ``"exact"`` or ``"hutchinson"``; ``None`` for the model's ``trace``.
+            generator: random number generator for the probe and the augmented draw.
+            tolerances: ``(rtol, atol)`` to use instead of the model's ``rtol``/``atol``.
+
+        Returns:
+            The dictionary above.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8)
+            >>> out = cnf.integrate(torch.randn(3, 2))
+            >>> sorted(out), out["z"].shape
+            (['a', 'jacobian', 'kinetic', 'log_prob', 'nfe', 'trace_integral', 'z'], torch.Size([3, 2]))
+        """
         trace = self.trace if trace is None else trace
         _check_trace(trace)
         batch = x.shape[0]
@@ -660,6 +844,22 @@ class CNF(DensityModule):
         ``trace="hutchinson"`` returns an unbiased **estimate** instead (one probe per row).
         With ``augment_dims > 0`` the value is **an estimate, not the exact density**: the
         importance-sampling lower bound of the module docstring with ``augment_samples`` draws.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+            trace: ``"exact"`` or ``"hutchinson"``.
+            augment_samples: importance samples :math:`K` of the augmented coordinates.
+            generator: random number generator for probes and augmented draws.
+
+        Returns:
+            ``[*batch]``.
+
+        Example:
+            >>> import math, torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8)  # the field starts at zero: the flow is the identity
+            >>> torch.allclose(cnf.log_prob(torch.zeros(1, 2)), torch.tensor([-math.log(2 * math.pi)]))
+            True
         """
         return self._per_row(
             self._log_prob, x, c, trace=trace, augment_samples=augment_samples, generator=generator
@@ -697,6 +897,21 @@ class CNF(DensityModule):
         ``jacobian`` (logged even when their weights are zero), ``nfe_forward`` (this solve) and
         ``nfe_backward`` (measured during the *previous* training backward pass, since this
         batch's has not happened yet; 0 at first).
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+
+        Returns:
+            :class:`~freeflows.contract.Loss`.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8, trace="hutchinson", regularization={"jacobian": 0.1})
+            >>> loss = cnf.loss(torch.randn(16, 2))
+            >>> loss.value.backward()
+            >>> float(loss.parts["nfe_backward"])  # no backward pass before this batch
+            0.0
         """
         return super().loss(x, c)
 
@@ -730,7 +945,22 @@ class CNF(DensityModule):
         return h
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Like :meth:`sample`, with gradients to the parameters through the ODE solve."""
+        """Like :meth:`sample`, with gradients to the parameters through the ODE solve.
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *cbatch, *event]``.
+
+        Example:
+            >>> import freeflows as ff
+            >>> x = ff.CNF(2, hidden=8).rsample(4)
+            >>> x.shape, x.requires_grad
+            (torch.Size([4, 2]), True)
+        """
         return super().rsample(n, c, generator)
 
     def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
@@ -739,10 +969,25 @@ class CNF(DensityModule):
         return x[:, : self.dim].reshape(n, *self.event_shape)
 
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws: :math:`z \\sim p_Z` (and :math:`a \\sim \\mathcal N(0, I_k)`), integrated
+        r"""``n`` draws: :math:`z \sim p_Z` (and :math:`a \sim \mathcal N(0, I_k)`), integrated
         from :math:`t_1` back to 0 (augmented coordinates dropped). Shape ``[n, *event]``, or
         ``[n, *cbatch, *event]`` with ``c`` of shape ``[*cbatch, C]`` (``n`` draws for each
-        condition). No gradients (see :meth:`rsample`)."""
+        condition). No gradients (see :meth:`rsample`).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *event]``, or ``[n, *cbatch, *event]`` with a condition.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, condition_dim=1, hidden=8)
+            >>> cnf.sample(5, torch.randn(1)).shape, cnf.sample(5, torch.randn(3, 1)).shape
+            (torch.Size([5, 2]), torch.Size([5, 3, 2]))
+        """
         return super().sample(n, c, generator)
 
     def sample_and_log_prob(
@@ -753,7 +998,23 @@ class CNF(DensityModule):
         :math:`\ell(0) = -\int_0^{t_1} \operatorname{tr} \partial_x f\, dt` and
         :math:`\log q(x) = \log p_Z(z) - \ell(0)`, with the model's trace (exact by default;
         ``trace="hutchinson"`` makes it an unbiased estimate). Not available with augmented
-        dimensions, whose marginal density has no closed form."""
+        dimensions, whose marginal density has no closed form.
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``(x, log_q)``, ``[n, *cbatch, *event]`` and ``[n, *cbatch]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8)
+            >>> x, log_q = cnf.sample_and_log_prob(4)
+            >>> torch.allclose(log_q, cnf.log_prob(x), atol=1e-4)
+            True
+        """
         return super().sample_and_log_prob(n, c, generator)
 
     def _sample_and_log_prob(
@@ -771,8 +1032,21 @@ class CNF(DensityModule):
         return x.reshape(n, *self.event_shape), self._latent_log_prob(h) - ell
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """The flow map data to latent, :math:`z = x(t_1)`, ``[*batch, *event]`` like ``x`` (no
-        density)."""
+        """The flow map data to latent, :math:`z = x(t_1)`, without the density.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+
+        Returns:
+            ``[*batch, *event]``, like ``x``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> x = torch.randn(3, 2)
+            >>> torch.allclose(ff.CNF(2, hidden=8).transform(x), x)  # the identity at first
+            True
+        """
         x, c, batch = self._check(x, c)
         if self.augment_dims:
             raise ValueError("transform is not defined with augmented dimensions (it needs a draw of a)")
@@ -782,13 +1056,20 @@ class CNF(DensityModule):
 
     @property
     def divergence_hint(self) -> str:
-        """What to change when training keeps failing (read by the runner)."""
+        """What to change when training keeps failing (read by the runner).
+
+        Example:
+            >>> import freeflows as ff
+            >>> ff.CNF(2).divergence_hint.startswith("train with a fixed-step solver")
+            True
+        """
         return (
-            "train with a fixed-step solver (solver=rk4 with step_size), a lower optim.lr, "
+            "train with a fixed-step solver (solver=rk4 with step_size), a lower learning rate, "
             "looser train_rtol/train_atol, or RNODE regularisation (kinetic, jacobian > 0)"
         )
 
     def extra_repr(self) -> str:
+        """The main settings, shown by ``repr``."""
         return (
             f"event_shape={self.event_shape}, trace={self.trace!r}, solver={self.solver!r}, "
             f"adjoint={self.adjoint}, augment_dims={self.augment_dims}, t1={self.t1}"
