@@ -15,6 +15,10 @@ import pytest
 
 #: The core library's modules whose docstrings carry examples (not the tool's).
 CORE_MODULES = [
+    "freeflows",
+    "freeflows.flows",
+    "freeflows.freeform",
+    "freeflows.continuous",
     "freeflows.checks",
     "freeflows.conditioning",
     "freeflows.contract",

@@ -85,19 +85,40 @@ class DensityModel(Protocol):
     """
 
     def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Log-density ``[*batch]`` of ``x`` (``[*batch, *event]``) given ``c``."""
+        """Log-density ``[*batch]`` of ``x`` given ``c`` (see :meth:`DensityModule.log_prob`).
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+        """
         ...
 
     def sample(self, n: int, c: Tensor | None = None) -> Tensor:
-        """``n`` draws ``[n, *cbatch, *event]`` without a graph."""
+        """``n`` draws ``[n, *cbatch, *event]`` without a graph (see :meth:`DensityModule.sample`).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+        """
         ...
 
     def sample_and_log_prob(self, n: int, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Draws as ``sample`` and the exact log-density of each, ``[n, *cbatch]``."""
+        """Draws as ``sample`` and the exact log-density of each, ``[n, *cbatch]`` (see
+        :meth:`DensityModule.sample_and_log_prob`).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+        """
         ...
 
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
-        """The training objective of a batch."""
+        """The training objective of a batch (see :meth:`DensityModule.loss`).
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+        """
         ...
 
 

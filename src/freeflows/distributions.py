@@ -13,6 +13,7 @@ Each latent is an :class:`torch.nn.Module` (so it follows ``.to(device, dtype)``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -172,7 +173,7 @@ class MeanFreeNormal(nn.Module):
         self.event_shape = (self.n_particles * self.n_dims,)
         self.register_buffer("basis", mean_free_basis(n_particles, n_dims).float(), persistent=False)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MeanFreeNormal:
         # Rebuild the basis in the new dtype rather than casting float32 values, so that it stays
         # orthonormal to working precision in float64.
         super()._apply(fn, recurse)

@@ -61,18 +61,36 @@ def _positive(**values: int) -> None:
 class Flow(DensityModule):
     r"""A normalizing flow ``x = transform.inverse(z, c)``, ``z ~ latent``, with the public
     methods of :class:`~freeflows.contract.DensityModule` (any batch shape; ``sample(n, c)`` with
-    ``c`` of shape ``[B, C]`` gives ``[n, B, *event]``). ``loss`` is maximum likelihood: its
-    ``value`` is the mean negative log-likelihood of the batch, and ``parts["nll"]`` its detached
-    copy. ``sample_and_log_prob`` maps the draws back through ``forward`` (one pass each way).
+    ``c`` of shape ``[B, C]`` gives ``[n, B, *event]``):
+
+    .. math:: \log p(x \mid c) = \log p_Z(T(x, c)) + \log\lvert\det J_T(x, c)\rvert .
+
+    ``loss`` is maximum likelihood: its ``value`` is the mean negative log-likelihood of the
+    batch, and ``parts["nll"]`` its detached copy. ``sample_and_log_prob`` maps the draws back
+    through ``forward`` (one pass each way).
 
     Args:
-        transform: the bijection, ``forward`` data → latent.
+        transform: the bijection :math:`T`, ``forward`` data → latent.
         latent: a latent distribution (``event_shape``, ``log_prob``, ``sample``), e.g.
             :class:`~freeflows.distributions.StandardNormal`.
         condition_dim: features of the condition ``c``, or ``None`` for an unconditional flow.
+
+    References:
+        Rezende and Mohamed, "Variational Inference with Normalizing Flows" (2015),
+        arXiv:1505.05770.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> from freeflows.transforms import AffineCoupling, ComposedTransform, Reverse
+        >>> transform = ComposedTransform(AffineCoupling(2, condition_dim=1), Reverse(2))
+        >>> flow = ff.Flow(transform, ff.StandardNormal(2), condition_dim=1)
+        >>> x, c = torch.randn(10, 2), torch.randn(10, 1)
+        >>> flow.log_prob(x, c).shape, flow.sample(3, c).shape
+        (torch.Size([10]), torch.Size([3, 10, 2]))
+        >>> flow.loss(x, c).value.backward()  # maximum likelihood
     """
 
-    def __init__(self, transform: Transform, latent: nn.Module, condition_dim: int | None = None):
+    def __init__(self, transform: Transform, latent: nn.Module, condition_dim: int | None = None) -> None:
         super().__init__()
         check_condition_dim(condition_dim)
         self.transform = transform
@@ -100,13 +118,34 @@ class Flow(DensityModule):
 
 class PlanarFlow(Flow):
     r"""``transforms`` planar maps (:class:`~freeflows.transforms.planar.Planar`) and a standard
-    normal latent.
+    normal latent; each map goes from latent to data as
+
+    .. math:: x = z + \hat u \tanh(w^\top z + b), \qquad w^\top \hat u > -1 .
 
     Sampling uses the closed-form latent → data maps. The density, and hence :meth:`loss`
     (maximum likelihood on data), uses the **numerical inverse**: each layer solves a monotone
     scalar equation to tolerance ``tol``, and gradients are the exact implicit-function gradients
     (one Newton step with autograd at the root); see :mod:`freeflows.transforms.planar`.
     Training against an energy (reverse KL) would instead use :meth:`rsample`.
+
+    Args:
+        features: ``D``, the size of the data vectors.
+        condition_dim: features of the condition ``c``, or ``None``.
+        transforms: number of planar maps.
+        tol: tolerance of each layer's scalar solve; ``None`` for :math:`\epsilon^{3/4}` of the
+            dtype.
+        max_iter: cap on each solve's steps.
+
+    References:
+        Rezende and Mohamed, "Variational Inference with Normalizing Flows" (2015),
+        arXiv:1505.05770.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.PlanarFlow(2, transforms=4)
+        >>> x = flow.sample(5)
+        >>> x.shape, flow.log_prob(x).shape
+        (torch.Size([5, 2]), torch.Size([5]))
     """
 
     @named_constructor
@@ -118,7 +157,7 @@ class PlanarFlow(Flow):
         transforms: int = 8,
         tol: float | None = None,
         max_iter: int = 100,
-    ):
+    ) -> None:
         d = _features("PlanarFlow", features)
         check_condition_dim(condition_dim)
         _positive(transforms=transforms, max_iter=max_iter)
@@ -127,8 +166,31 @@ class PlanarFlow(Flow):
 
 
 class NICE(Flow):
-    """NICE (Dinh et al., 2014): additive couplings with alternating halves, then a diagonal
-    scaling; conditioners are MLPs of ``layers`` hidden layers of width ``hidden``."""
+    r"""NICE: ``transforms`` additive couplings with alternating halves, then a diagonal scaling,
+    and a standard normal latent:
+
+    .. math:: z_b = x_b + t_k(x_a, c) \quad \text{(each coupling)}, \qquad
+       z = x \odot e^{s}, \quad \log\lvert\det J\rvert = \textstyle\sum_i s_i
+       \quad \text{(the scaling)} .
+
+    Args:
+        features: ``D >= 2``.
+        condition_dim: features of the condition ``c``, or ``None``.
+        transforms: number of couplings.
+        hidden: width of the conditioners' hidden layers.
+        layers: number of the conditioners' hidden layers.
+
+    References:
+        Dinh, Krueger and Bengio, "NICE: Non-linear Independent Components Estimation" (2014),
+        arXiv:1410.8516.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.NICE(4, transforms=2, hidden=16)
+        >>> x = torch.randn(8, 4)
+        >>> flow.log_prob(x).shape, flow.sample(3).shape
+        (torch.Size([8]), torch.Size([3, 4]))
+    """
 
     @named_constructor
     def __init__(
@@ -139,7 +201,7 @@ class NICE(Flow):
         transforms: int = 4,
         hidden: int = 64,
         layers: int = 2,
-    ):
+    ) -> None:
         d = _features("NICE", features, minimum=2)
         check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
@@ -152,8 +214,33 @@ class NICE(Flow):
 
 
 class RealNVP(Flow):
-    """RealNVP (Dinh et al., 2017) on vectors: affine couplings with alternating halves and a
-    soft-clamped log-scale (bound ``clamp``)."""
+    r"""RealNVP on vectors: ``transforms`` affine couplings with alternating halves and a
+    standard normal latent,
+
+    .. math:: z_b = x_b \odot e^{s(x_a, c)} + t(x_a, c), \qquad
+       \log\lvert\det J\rvert = \textstyle\sum_j s_j(x_a, c),
+
+    with the log-scale soft-clamped, :math:`s = \kappa\tanh(\tilde s/\kappa)`.
+
+    Args:
+        features: ``D >= 2``.
+        condition_dim: features of the condition ``c``, or ``None``.
+        transforms: number of couplings.
+        hidden: width of the conditioners' hidden layers.
+        layers: number of the conditioners' hidden layers.
+        clamp: :math:`\kappa > 0`, the bound of the log-scales; ``None`` for no clamp.
+
+    References:
+        Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP" (2016),
+        arXiv:1605.08803.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.RealNVP(3, condition_dim=2, transforms=4, hidden=32)
+        >>> x, c = torch.randn(16, 3), torch.randn(16, 2)
+        >>> flow.log_prob(x, c).shape, flow.sample(5, c[:2]).shape
+        (torch.Size([16]), torch.Size([5, 2, 3]))
+    """
 
     @named_constructor
     def __init__(
@@ -165,7 +252,7 @@ class RealNVP(Flow):
         hidden: int = 64,
         layers: int = 2,
         clamp: float | None = 3.0,
-    ):
+    ) -> None:
         d = _features("RealNVP", features, minimum=2)
         check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
@@ -177,7 +264,13 @@ class RealNVP(Flow):
 
 
 class Glow(Flow):
-    r"""Glow (Kingma & Dhariwal, 2018) on vectors or images.
+    r"""Glow on vectors or images, with a standard normal latent. Each step is
+
+    .. math:: x \mapsto \mathrm{Coupling}\bigl(W \cdot \mathrm{ActNorm}(x)\bigr), \qquad
+       \log\lvert\det J\rvert = \log\lvert\det J_{\mathrm{ActNorm}}\rvert + \log\lvert\det W\rvert
+       + \textstyle\sum_j s_j ,
+
+    with :math:`W` in LU form (:math:`\log\lvert\det W\rvert = \sum_i \ell_i`).
 
     * ``event_shape = D`` (or ``(D,)``): ``steps`` steps of ActNorm, LU-decomposed invertible
       linear map and affine coupling (MLP conditioner, ``hidden`` × ``layers``).
@@ -186,7 +279,29 @@ class Glow(Flow):
       (ActNorm, invertible 1×1 convolution, affine coupling with a conv conditioner of
       ``hidden`` channels). ``H`` and ``W`` must be divisible by ``2**levels``.
 
-    ``min_std`` floors the standard deviation used by ActNorm's data-dependent initialisation.
+    Args:
+        event_shape: ``D`` or ``(D,)`` for vectors, ``(C, H, W)`` for images.
+        condition_dim: features of the condition ``c``, or ``None``.
+        steps: Glow steps (per level, on images).
+        levels: levels of the multi-scale architecture (images only).
+        hidden: width (or channels) of the couplings' conditioners.
+        layers: hidden layers of the MLP conditioners (vectors only).
+        clamp: bound of the couplings' log-scales, or ``None``.
+        min_std: floor of the standard deviation used by ActNorm's data-dependent
+            initialisation.
+
+    References:
+        Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018),
+        arXiv:1807.03039.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.Glow(3, steps=2, hidden=16)
+        >>> flow.log_prob(torch.randn(8, 3)).shape  # the first batch initialises ActNorm
+        torch.Size([8])
+        >>> images = ff.Glow((1, 4, 4), steps=1, levels=2, hidden=8)
+        >>> images.log_prob(torch.randn(2, 1, 4, 4)).shape, images.sample(3).shape
+        (torch.Size([2]), torch.Size([3, 1, 4, 4]))
     """
 
     @named_constructor
@@ -201,7 +316,7 @@ class Glow(Flow):
         layers: int = 2,
         clamp: float | None = 3.0,
         min_std: float = 1e-3,
-    ):
+    ) -> None:
         shape = _event_shape(event_shape)
         check_condition_dim(condition_dim)
         _positive(steps=steps, levels=levels, hidden=hidden, layers=layers)
@@ -227,9 +342,35 @@ class Glow(Flow):
 
 
 class MAF(Flow):
-    """Masked autoregressive flow (Papamakarios et al., 2017): ``transforms`` MADE-driven affine
-    layers, alternating the natural and reversed order. Density: one pass per layer; sampling:
-    ``D`` passes per layer."""
+    r"""Masked autoregressive flow: ``transforms`` MADE-driven affine layers, alternating the
+    natural and reversed order, and a standard normal latent. Each layer is
+
+    .. math:: z_i = x_i\, e^{s_i(x_{<i}, c)} + t_i(x_{<i}, c), \qquad
+       \log\lvert\det J\rvert = \textstyle\sum_i s_i(x_{<i}, c) .
+
+    Density: one pass per layer; sampling: ``D`` passes per layer.
+
+    Args:
+        features: ``D``.
+        condition_dim: features of the condition ``c``, or ``None``.
+        transforms: number of autoregressive layers.
+        hidden: width of the MADEs' hidden layers.
+        layers: number of the MADEs' hidden layers.
+        clamp: bound of the log-scales, or ``None``.
+
+    References:
+        Papamakarios, Pavlakou and Murray, "Masked Autoregressive Flow for Density Estimation"
+        (2017), arXiv:1705.07057.
+        Germain, Gregor, Murray and Larochelle, "MADE: Masked Autoencoder for Distribution
+        Estimation" (2015), arXiv:1502.03509.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.MAF(3, transforms=2, hidden=16)
+        >>> x, log_q = flow.sample_and_log_prob(4)
+        >>> x.shape, torch.allclose(log_q, flow.log_prob(x), atol=1e-5)
+        (torch.Size([4, 3]), True)
+    """
 
     _layer = MaskedAutoregressive
 
@@ -243,7 +384,7 @@ class MAF(Flow):
         hidden: int = 64,
         layers: int = 2,
         clamp: float | None = 3.0,
-    ):
+    ) -> None:
         d = _features(type(self).__name__, features)
         check_condition_dim(condition_dim)
         _positive(transforms=transforms, hidden=hidden, layers=layers)
@@ -256,8 +397,32 @@ class MAF(Flow):
 
 
 class IAF(MAF):
-    """Inverse autoregressive flow (Kingma et al., 2016): as :class:`MAF` with the directions
-    swapped. Sampling: one pass per layer; density: ``D`` passes per layer (so maximum-likelihood
-    training on data costs ``D`` times more than with MAF)."""
+    r"""Inverse autoregressive flow: as :class:`MAF` with the directions swapped. Each layer is
+
+    .. math:: x_i = z_i\, e^{s_i(z_{<i}, c)} + t_i(z_{<i}, c), \qquad
+       \log\lvert\det \partial z/\partial x\rvert = -\textstyle\sum_i s_i(z_{<i}, c) .
+
+    Sampling: one pass per layer; density: ``D`` passes per layer (so maximum-likelihood
+    training on data costs ``D`` times more than with MAF).
+
+    Args:
+        features: ``D``.
+        condition_dim: features of the condition ``c``, or ``None``.
+        transforms: number of autoregressive layers.
+        hidden: width of the MADEs' hidden layers.
+        layers: number of the MADEs' hidden layers.
+        clamp: bound of the log-scales, or ``None``.
+
+    References:
+        Kingma, Salimans, Jozefowicz, Chen, Sutskever and Welling, "Improving Variational
+        Inference with Inverse Autoregressive Flow" (2016), arXiv:1606.04934.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> flow = ff.IAF(3, transforms=2, hidden=16)
+        >>> x = flow.rsample(4)  # one pass per layer, with gradients
+        >>> x.shape, flow.log_prob(x).shape
+        (torch.Size([4, 3]), torch.Size([4]))
+    """
 
     _layer = InverseAutoregressive

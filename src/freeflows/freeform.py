@@ -64,11 +64,19 @@ integrates to one wherever :math:`g` is injective. Two other values are availabl
 then moved towards :math:`f^{-1}(z)` by :math:`K` steps of :func:`freeflows.inversion.invert_encoder`
 (one encoder and one decoder pass each), so the draws follow the encoder's density, the one that
 maximum likelihood trains.
+
+References:
+    Draxler, Sorrenson, Zimmermann, Rousselot and Köthe, "Free-form flows: Make Any Architecture
+    a Normalizing Flow" (AISTATS 2024), arXiv:2310.16624.
+
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
+    smoothing splines", Communications in Statistics - Simulation and Computation 18(3) (1989).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -119,6 +127,34 @@ class FreeFormFlow(DensityModule):
             encoder, with a double backward pass.
         sample_refine_steps: iterations of :func:`freeflows.inversion.invert_encoder` applied to
             each decoder draw by :meth:`sample` (``0``, the default: the plain decoder draw).
+
+    The loss of a batch is the mean over its rows of
+
+    .. math:: \mathcal L(x) = -\log p_Z(f(x)) - v^\top J_f(x)\, \mathrm{sg}(J_g(f(x))\, v)
+       + \beta \lVert x - g(f(x)) \rVert^2 ,
+
+    whose gradient in the encoder's parameters is that of the negative log-likelihood where
+    :math:`g` inverts :math:`f` (see the module docstring).
+
+    References:
+        Draxler, Sorrenson, Zimmermann, Rousselot and Köthe, "Free-form flows: Make Any
+        Architecture a Normalizing Flow" (AISTATS 2024), arXiv:2310.16624.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> encoder, decoder = ff.ResNet(2, hidden=32), ff.ResNet(2, hidden=32)
+        >>> flow = ff.FreeFormFlow(encoder, decoder, ff.StandardNormal(2), beta=20.0)
+        >>> optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
+        >>> x = 0.5 * torch.randn(64, 2) + 1.0
+        >>> for _ in range(3):
+        ...     optimizer.zero_grad()
+        ...     loss = flow.loss(x)
+        ...     loss.value.backward()
+        ...     optimizer.step()
+        >>> sorted(loss.parts)
+        ['latent_nll', 'reconstruction']
+        >>> flow.sample(5).shape, flow.log_prob(x[:4]).shape
+        (torch.Size([5, 2]), torch.Size([4]))
     """
 
     _settings = (
@@ -146,7 +182,7 @@ class FreeFormFlow(DensityModule):
         jacobian_mode: JacobianMode = "auto",
         surrogate: SurrogateMode = "vjp",
         sample_refine_steps: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
@@ -198,7 +234,23 @@ class FreeFormFlow(DensityModule):
         r"""A free-form flow on vectors of ``features`` numbers: encoder and decoder are
         :class:`~freeflows.nets.ResNet` residual MLPs of the same size (``blocks`` residual
         blocks, each ``depth`` hidden layers of width ``hidden``, starting as the identity), and
-        the latent is a standard normal. The other options are those of :class:`FreeFormFlow`.
+        the latent is a standard normal.
+
+        Args:
+            features: ``D``, the size of the data vectors.
+            condition_dim: features of the condition ``c``, or ``None``.
+            hidden: width of the hidden layers of both networks.
+            depth: hidden layers per residual block.
+            blocks: residual blocks per network.
+            beta: weight of the reconstruction loss.
+            hutchinson: probe distribution (see :class:`FreeFormFlow`).
+            hutchinson_samples: probes per sample.
+            jacobian_mode: Jacobian products for ``log_prob``.
+            surrogate: ``"vjp"`` or ``"jvp"`` (see :class:`FreeFormFlow`).
+            sample_refine_steps: refinement steps of each draw (see :class:`FreeFormFlow`).
+
+        Returns:
+            The free-form flow; :func:`freeflows.save` can store it.
 
         Example:
             >>> import torch, freeflows as ff
@@ -252,7 +304,44 @@ class FreeFormFlow(DensityModule):
         :class:`~freeflows.nets.EGNN` flow maps (``layers`` layers of width ``hidden``, message
         gates if ``attention``; a condition is added to every node's features), and the latent is
         :class:`~freeflows.distributions.MeanFreeNormal`, so densities are with respect to the
-        :math:`(N-1)d`-dimensional zero-centre-of-mass subspace."""
+        :math:`(N-1)d`-dimensional zero-centre-of-mass subspace. The density is invariant to
+        rotations, reflections and permutations of the particles wherever the root of the
+        decoder's solve is unique.
+
+        Args:
+            n_particles: :math:`N \ge 2`.
+            n_dims: :math:`d`.
+            condition_dim: features of an invariant condition ``c``, or ``None``.
+            hidden: width of the EGNNs.
+            layers: EGNN layers per network.
+            attention: gate the messages.
+            beta: weight of the reconstruction loss.
+            hutchinson: probe distribution (see :class:`FreeFormFlow`).
+            hutchinson_samples: probes per sample.
+            jacobian_mode: Jacobian products for ``log_prob``.
+            surrogate: ``"vjp"`` or ``"jvp"`` (see :class:`FreeFormFlow`).
+            sample_refine_steps: refinement steps of each draw (see :class:`FreeFormFlow`).
+
+        Returns:
+            The free-form flow; :func:`freeflows.save` can store it.
+
+        References:
+            Draxler, Sorrenson, Zimmermann, Rousselot and Köthe, "Free-form flows: Make Any
+            Architecture a Normalizing Flow" (AISTATS 2024), arXiv:2310.16624.
+            Satorras, Hoogeboom and Welling, "E(n) Equivariant Graph Neural Networks" (2021),
+            arXiv:2102.09844.
+            Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+            (2021), arXiv:2105.09016.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.egnn(4, 2, hidden=8, layers=1)
+            >>> x = flow.sample(3)
+            >>> x.shape, torch.allclose(x.reshape(3, 4, 2).mean(1), torch.zeros(3, 2), atol=1e-6)
+            (torch.Size([3, 8]), True)
+            >>> flow.latent.dim  # (N - 1) d degrees of freedom
+            6
+        """
         from .distributions import MeanFreeNormal
         from .nets.egnn import EGNN
 
@@ -276,13 +365,36 @@ class FreeFormFlow(DensityModule):
 
     # -- the two networks ---------------------------------------------------------------------
     def encode(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """:math:`z = f(x)` (data to latent)."""
+        """The encoder, :math:`z = f(x)` (data to latent).
+
+        Args:
+            x: data ``[B, *event]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``[B, *event]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> x = torch.randn(4, 2)
+            >>> torch.equal(flow.encode(x), x), torch.equal(flow.decode(x), x)  # identities at first
+            (True, True)
+        """
         z = call_with_condition(self.encoder, x, c, self._encoder_takes_c)
         self._check_shape("encoder", x, z)
         return z
 
     def decode(self, z: Tensor, c: Tensor | None = None) -> Tensor:
-        """:math:`x = g(z)` (latent to data)."""
+        """The decoder, :math:`x = g(z)` (latent to data).
+
+        Args:
+            z: latent points ``[B, *event]``.
+            c: conditions ``[B, C]``, or ``None``.
+
+        Returns:
+            ``[B, *event]``.
+        """
         x = call_with_condition(self.decoder, z, c, self._decoder_takes_c)
         self._check_shape("decoder", z, x)
         return x
@@ -296,12 +408,27 @@ class FreeFormFlow(DensityModule):
 
     # -- the model contract -------------------------------------------------------------------
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
-        """The free-form objective of a batch ``[*batch, *event]`` (see the module docstring).
+        r"""The free-form objective of a batch, the mean over its rows of
+        :math:`-\log p_Z(f(x)) - \mathcal S(x) + \beta \lVert x - g(f(x)) \rVert^2` (see the
+        module docstring).
 
-        ``Loss.parts``: ``latent_nll`` is :math:`-\\log p_Z(f(x))`, the latent term only (the
-        surrogate is not a log-determinant, so this is not a likelihood); ``reconstruction`` is
-        :math:`\\lVert x - g(f(x))\\rVert^2`; both
-        are batch means, detached.
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+
+        Returns:
+            :class:`~freeflows.contract.Loss`. Its ``parts``: ``latent_nll`` is
+            :math:`-\log p_Z(f(x))`, the latent term only (the surrogate is not a
+            log-determinant, so this is not a likelihood); ``reconstruction`` is
+            :math:`\lVert x - g(f(x))\rVert^2`; both are batch means, detached.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(3, hidden=16, beta=10.0)
+            >>> loss = flow.loss(torch.randn(32, 3))
+            >>> loss.value.backward()
+            >>> float(loss.parts["reconstruction"])  # g inverts f at initialisation
+            0.0
         """
         return super().loss(x, c)
 
@@ -386,7 +513,17 @@ class FreeFormFlow(DensityModule):
     def density(self) -> DensityVariant:
         """The variant that :meth:`log_prob` returns by default: the density of what
         :meth:`sample` draws, ``"decoder"`` for plain decoder draws and ``"encoder"`` with
-        ``sample_refine_steps > 0``."""
+        ``sample_refine_steps > 0``.
+
+        Example:
+            >>> import freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> flow.density
+            'decoder'
+            >>> flow.sample_refine_steps = 5
+            >>> flow.density
+            'encoder'
+        """
         return "decoder" if self.sample_refine_steps == 0 else "encoder"
 
     def _chunk(self, chunk_size: int | None) -> int:
@@ -396,7 +533,9 @@ class FreeFormFlow(DensityModule):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         return chunk_size
 
-    def _decoder_value_and_jacobian(self, chunk: int):
+    def _decoder_value_and_jacobian(
+        self, chunk: int
+    ) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]:
         def fn(z: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
             return value_and_jacobian(
                 self.decode, z, c, mode=self.jacobian_mode, chunk_size=chunk,
@@ -413,7 +552,25 @@ class FreeFormFlow(DensityModule):
         do not converge from there start again from the best of ``solve_restarts`` latent draws
         :math:`z_j \sim p_Z` (the one whose :math:`g(z_j)` is nearest to :math:`x`; the draws
         come from a fixed seed, so the result is deterministic). ``converged`` says which rows
-        are within the tolerance. The rows are those of the flattened batch, ``[B, *event]``."""
+        are within the tolerance.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+            chunk_size: rows per Jacobian chunk (as in :meth:`log_prob`).
+
+        Returns:
+            :class:`~freeflows.inversion.DecoderInverse`, for the rows of the flattened batch,
+            ``[B, *event]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> x = torch.randn(5, 2)
+            >>> out = flow.invert_decoder(x)
+            >>> bool(out.converged.all()), torch.allclose(flow.decode(out.z), x, atol=1e-4)
+            (True, True)
+        """
         x, c, _ = self._check(x, c)
         return self._invert_decoder(x, c, chunk_size)
 
@@ -498,12 +655,24 @@ class FreeFormFlow(DensityModule):
         in chunks of ``chunk_size`` rows (by default as many as keep ``chunk * D * D`` below
         ``2**24``); the result does not depend on it.
 
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+            variant: ``"decoder"``, ``"encoder"`` or ``"paper"``; ``None`` for :attr:`density`.
+            chunk_size: rows per Jacobian chunk, or ``None``.
+
+        Returns:
+            ``[*batch]``.
+
         Example:
             >>> import torch, freeflows as ff
             >>> flow = ff.FreeFormFlow(ff.ResNet(2), ff.ResNet(2), ff.StandardNormal(2))
             >>> x = torch.randn(5, 2)
             >>> flow.log_prob(x).shape
             torch.Size([5])
+            >>> variants = [flow.log_prob(x, variant=v) for v in ("decoder", "encoder", "paper")]
+            >>> all(torch.allclose(v, variants[0], atol=1e-5) for v in variants)  # g inverts f here
+            True
         """
         return self._per_row(self._log_prob, x, c, variant=variant, chunk_size=chunk_size)
 
@@ -583,8 +752,23 @@ class FreeFormFlow(DensityModule):
     ) -> dict[str, Tensor]:
         """Batch means of the reconstruction error and of the gap between the encoder-based
         log-density and ``log_prob`` (the model's own density, ``log_prob_gap``; rows whose solve
-        failed are left out). A growing gap means ``beta`` is too small. Pass ``log_prob`` if it
-        is already computed (for the flattened batch, ``[B]``)."""
+        failed are left out). A growing gap means ``beta`` is too small.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+            log_prob: :meth:`log_prob` of ``x`` if it is already computed (for the flattened
+                batch, ``[B]``), or ``None``.
+
+        Returns:
+            ``{"reconstruction": ..., "log_prob_gap": ...}``, detached scalars.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> {k: round(float(v), 6) for k, v in flow.diagnostics(torch.randn(6, 2)).items()}
+            {'reconstruction': 0.0, 'log_prob_gap': 0.0}
+        """
         x, c, _ = self._check(x, c)
         reconstruction = (x - self.decode(self.encode(x, c), c)).reshape(x.shape[0], -1).square().sum(1)
         log_prob = self._log_prob(x, c) if log_prob is None else log_prob.reshape(-1)
@@ -593,7 +777,13 @@ class FreeFormFlow(DensityModule):
 
     @property
     def divergence_hint(self) -> str:
-        """What to try when training diverges, for the runner's message."""
+        """What to try when training diverges, for the runner's message.
+
+        Example:
+            >>> import freeflows as ff
+            >>> ff.FreeFormFlow.resnet(2, beta=5.0).divergence_hint.split(":")[0]
+            'raise beta (now 5), e.g. to 10'
+        """
         return (
             f"raise beta (now {self.beta:g}), e.g. to {max(2 * self.beta, 10):g}: a larger "
             "reconstruction weight keeps the decoder close to the encoder's inverse, which the "
@@ -602,7 +792,22 @@ class FreeFormFlow(DensityModule):
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Like :meth:`sample` with ``sample_refine_steps = 0``, with gradients to the decoder's
-        parameters (a reparametrised draw :math:`g(z)`). Refined draws are not reparametrised."""
+        parameters (a reparametrised draw :math:`g(z)`). Refined draws are not reparametrised.
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *cbatch, *event]``.
+
+        Example:
+            >>> import freeflows as ff
+            >>> x = ff.FreeFormFlow.resnet(2, hidden=8).rsample(4)
+            >>> x.shape, x.requires_grad
+            (torch.Size([4, 2]), True)
+        """
         return super().rsample(n, c, generator)
 
     def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
@@ -614,11 +819,26 @@ class FreeFormFlow(DensityModule):
 
     @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws :math:`g(z)`, :math:`z \\sim p_Z` (one decoder pass), each refined towards
+        r"""``n`` draws :math:`g(z)`, :math:`z \sim p_Z` (one decoder pass), each refined towards
         :math:`f^{-1}(z)` by ``sample_refine_steps`` steps of
         :func:`~freeflows.inversion.invert_encoder` if that is positive. Shape ``[n, *event]``,
         or ``[n, *cbatch, *event]`` with ``c`` of shape ``[*cbatch, C]`` (``n`` draws for each
-        condition). No gradients (see :meth:`rsample`)."""
+        condition). No gradients (see :meth:`rsample`).
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, *event]``, or ``[n, *cbatch, *event]`` with a condition.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, condition_dim=1, hidden=8, sample_refine_steps=3)
+            >>> flow.sample(5, torch.randn(1)).shape, flow.sample(5, torch.randn(3, 1)).shape
+            (torch.Size([5, 2]), torch.Size([5, 3, 2]))
+        """
         return super().sample(n, c, generator)
 
     def _sample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
@@ -640,6 +860,21 @@ class FreeFormFlow(DensityModule):
         * Refined draws (``sample_refine_steps > 0``): the ``"encoder"`` density at the draw;
           draws whose refinement did not reach :math:`f(x) = z` within the tolerance of
           :func:`~freeflows.inversion.decoder_tolerance` get NaN and a warning.
+
+        Args:
+            n: draws per condition.
+            c: conditions ``[*cbatch, C]``, or ``None``.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``(x, log_q)``, ``[n, *cbatch, *event]`` and ``[n, *cbatch]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> x, log_q = flow.sample_and_log_prob(4)
+            >>> torch.allclose(log_q, flow.log_prob(x), atol=1e-5)
+            True
         """
         return super().sample_and_log_prob(n, c, generator)
 

@@ -198,7 +198,7 @@ class _Autoregressive(Transform):
         return soft_clamp(p[:, 0], self.clamp), p[:, 1]
 
     def one_pass(self, u: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
-        """:math:`y = u e^{s(u)} + t(u)` and :math:`\\sum_i s_i`."""
+        r""":math:`y = u e^{s(u)} + t(u)` and :math:`\sum_i s_i`."""
         s, t = self.scale_shift(u, c)
         return u * torch.exp(s) + t, s.sum(dim=1)
 
