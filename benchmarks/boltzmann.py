@@ -14,7 +14,7 @@ when the budget is spent in any case (a model whose steps get slower than calibr
 CNF whose field stiffens, stops before ``max_steps``). The weights with the best validation NLL
 are evaluated (the last ones if no validation ran).
 
-Evaluation: the runner's :func:`freeflows.metrics.evaluate_model` with the sizes below, the same
+Evaluation: the runner's :func:`freeflows.eval.metrics.evaluate_model` with the sizes below, the same
 for both models of a system, on the first ``--test-rows`` rows of the never trained-on test split:
 
 * ``test_nll``: the normalised density (for the free-form flow, the density of its decoder draws,
@@ -150,7 +150,7 @@ def calibrate_steps(cfg: dict[str, Any], cpu_seconds: float, repeats: int = 5) -
 def train_one(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``preset`` for ``--cpu-minutes`` of CPU time and evaluate it (see the module
     docstring); the row of the report."""
-    import freeflows.metrics as fm
+    import freeflows.eval.metrics as fm
     from freeflows.experiments.config import load_config
     from freeflows.runner.train import train
 

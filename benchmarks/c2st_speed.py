@@ -29,7 +29,7 @@ import sklearn
 import torch
 from threadpoolctl import threadpool_limits
 
-from freeflows.c2st import c2st, c2st_many
+from freeflows.eval.c2st import c2st, c2st_many
 
 RESULTS = Path(__file__).parent / "results"
 

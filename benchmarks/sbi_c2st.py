@@ -5,7 +5,7 @@ as ``freeflows sbi``:
 
 * ``fff``: the preset ``sbi-<task>`` trained by the runner on ``budget`` simulations (seed
   ``--seed``); draws are un-standardised before scoring;
-* ``npe-nsf``: NPE with sbi's neural spline flow (:mod:`freeflows.sbi_baseline`) on the same
+* ``npe-nsf``: NPE with sbi's neural spline flow (:mod:`freeflows.eval.baselines`) on the same
   simulations.
 
 For each reference observation, ``--num-samples`` draws inside the prior's support are compared
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from freeflows.c2st import C2ST_CLASSIFIERS
 from freeflows.data.sbi import NUM_OBSERVATIONS, TASKS, reference_posterior
+from freeflows.eval.c2st import C2ST_CLASSIFIERS
 from freeflows.experiments.sbi import run_sbi
 
 RESULTS = Path(__file__).parent / "results"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from freeflows.data.particles import FILES, lj13_energy, lj13_lattice, metropolis
-from freeflows.particle_metrics import interparticle_distances
+from freeflows.eval.particles import interparticle_distances
 
 
 def compare(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

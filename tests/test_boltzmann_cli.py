@@ -11,9 +11,9 @@ import torch
 
 from freeflows.cli import main
 from freeflows.data.base import DataSet, Split
+from freeflows.eval.metrics import particle_metrics
 from freeflows.experiments.config import ConfigError, load_config
 from freeflows.experiments.models import build_model, model_defaults
-from freeflows.metrics import particle_metrics
 
 FAST = ["--set", "trainer.progress_bar=false", "--set", "trainer.threads=1", "--set", "trainer.max_steps=5"]
 FAST += ["--set", "trainer.batch_size=64", "--set", "data.n_train=512"]

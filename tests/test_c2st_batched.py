@@ -1,5 +1,5 @@
 """The ``"batched"`` C2ST classifier: scikit-learn's ``MLPClassifier`` (sbibm's settings) re-
-implemented in torch for many nets at once, and :func:`freeflows.c2st.c2st_many`.
+implemented in torch for many nets at once, and :func:`freeflows.eval.c2st.c2st_many`.
 
 Evidence that it runs the same algorithm as scikit-learn, with the same random draws:
 
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-import freeflows.c2st as c2st_module
-from freeflows.c2st import c2st, c2st_many
+import freeflows.eval.c2st as c2st_module
+from freeflows.eval.c2st import c2st, c2st_many
 from sbi_cases import two_moons_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

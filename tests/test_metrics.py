@@ -1,4 +1,4 @@
-"""Tests of the test metrics (freeflows.metrics.evaluate_model): normalised NLL with unsolved
+"""Tests of the test metrics (freeflows.eval.metrics.evaluate_model): normalised NLL with unsolved
 rows counted, the density mass of every model (and of the free-form paper variant), KL to the
 truth, and the Boltzmann ESS from ``sample_and_log_prob``.
 
@@ -18,7 +18,7 @@ from freeflows.contract import NumericalError
 from freeflows.data.base import DataSet, Split
 from freeflows.data.standardize import StandardizedModel, Standardizer
 from freeflows.data.toy import load_toy
-from freeflows.metrics import evaluate_model, particle_metrics, takes_variant
+from freeflows.eval.metrics import evaluate_model, particle_metrics, takes_variant
 
 K = 4.0
 FLOOR = 1e-6  # float32 rounding of the evaluated densities

@@ -20,7 +20,7 @@ from freeflows.data.particles import (
     load_lj13,
     metropolis,
 )
-from freeflows.particle_metrics import effective_sample_size, interparticle_distances, model_ess
+from freeflows.eval.particles import effective_sample_size, interparticle_distances, model_ess
 
 
 def test_interparticle_distances_by_hand():
@@ -191,7 +191,7 @@ def test_effective_sample_size():
 
 def test_particle_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from freeflows.plots_particles import plot_distance_histogram, plot_energy_histogram
+    from freeflows.plots.particles import plot_distance_histogram, plot_energy_histogram
 
     data = load_dw4().val.x[:500]
     samples = data + 0.1 * torch.randn(data.shape, generator=torch.Generator().manual_seed(0))
@@ -202,7 +202,7 @@ def test_particle_plots(tmp_path):
 
 
 def test_histogram_range_follows_the_data_not_exploding_samples():
-    from freeflows.plots_particles import _data_range
+    from freeflows.plots.particles import _data_range
 
     data = np.random.default_rng(0).normal(-43.0, 3.0, size=5000)
     lo, hi = _data_range(data)

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from freeflows.c2st import c2st
 from freeflows.data.sbi import TASKS, check_task, load_sbi_task, posterior_log_prob
 from freeflows.data.standardize import Standardizer
+from freeflows.eval.c2st import c2st
 from sbi_cases import two_moons_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +145,7 @@ def test_c2st_rejects_bad_input():
 @pytest.mark.parametrize("case", ["same", "blurred", "gaussian"])
 def test_c2st_torch_agrees_with_sbibm_within_001(case):
     """On 2-D two_moons posteriors the torch classifier's score is within 0.01 of sbibm's on the
-    same 5000 vs 5000 samples. (Not so in 5-D, where sbibm's MLP under-fits: see freeflows.c2st.)"""
+    same 5000 vs 5000 samples. (Not so in 5-D, where sbibm's MLP under-fits: see freeflows.eval.c2st.)"""
     sbibm_metrics = pytest.importorskip("sbibm.metrics")
     x, y = two_moons_pairs(5000)[case]
     start = time.perf_counter()
@@ -162,7 +162,7 @@ def test_npe_baseline_trains_on_the_dataset_and_samples_in_the_prior_support():
     pytest.importorskip("sbi")
     pytest.importorskip("sbibm")
     from freeflows.data.sbi import observation
-    from freeflows.sbi_baseline import train_npe_on_dataset
+    from freeflows.eval.baselines import train_npe_on_dataset
 
     data = load_sbi_task("two_moons", 200, seed=0)
     posterior = train_npe_on_dataset(data, max_num_epochs=2, training_batch_size=64, hidden_features=16)

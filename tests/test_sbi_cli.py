@@ -123,8 +123,8 @@ def test_batched_c2st_scores_every_observation_at_once(tmp_path):
     the one c2st(..., classifier="batched") gives on that observation's saved draws."""
     pytest.importorskip("sbibm")
     pytest.importorskip("sbi")
-    from freeflows.c2st import c2st
     from freeflows.data.sbi import reference_posterior
+    from freeflows.eval.c2st import c2st
     from freeflows.experiments.sbi import run_sbi
 
     result = _tiny_npe_run(run_sbi, tmp_path / "npe", [1, 3], 300, c2st_classifier="batched")

@@ -234,7 +234,7 @@ def _log_prob(args: argparse.Namespace) -> int:
 
     from .data.base import Split
     from .data.user import read_rows_for
-    from .metrics import batched_log_prob
+    from .eval.metrics import batched_log_prob
     from .runner.train import load_run
 
     if args.batch_size < 1:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..particle_metrics import as_particles, interparticle_distances
 from .base import DataSet, Split
+from .geometry import as_particles, interparticle_distances
 from .mcmc import MetropolisResult, metropolis
 
 FILES = Path(__file__).parent / "files"

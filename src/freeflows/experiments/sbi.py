@@ -11,7 +11,7 @@ budget :math:`N`:
      standardised with the training statistics of :math:`x`, and draws are mapped back with those
      of :math:`\theta` (and, with ``--set data.options.unbounded=true``, through the inverse of
      the prior-support bijection of :func:`freeflows.data.sbi.support_map`);
-   * ``npe-nsf``: NPE with sbi's neural spline flow (:mod:`freeflows.sbi_baseline`) on exactly the
+   * ``npe-nsf``: NPE with sbi's neural spline flow (:mod:`freeflows.eval.baselines`) on exactly the
      same simulations (train and validation splits of the same data set);
 
 2. **sample** ``num_samples`` draws for each requested reference observation (1..10). Draws
@@ -19,7 +19,7 @@ budget :math:`N`:
    doing the same for fff keeps the comparison fair);
 
 3. **score** each observation's draws against sbibm's reference samples (the first
-   ``num_samples`` of its 10,000) by C2ST (:mod:`freeflows.c2st`). ``c2st_classifier`` is
+   ``num_samples`` of its 10,000) by C2ST (:mod:`freeflows.eval.c2st`). ``c2st_classifier`` is
    ``"sklearn"`` (default: sbibm's scikit-learn MLP, comparable with published numbers),
    ``"batched"`` (the same algorithm in torch, all observations and folds trained at once;
    checked against ``"sklearn"``) or ``"torch"`` (a different, early-stopped classifier that is
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..c2st import C2ST_CLASSIFIERS
 from ..data.sbi import NUM_OBSERVATIONS, TASKS, check_task, get_task, observation, reference_posterior
+from ..eval.c2st import C2ST_CLASSIFIERS
 
 METHODS = ("fff", "npe-nsf")
 PLOT_CHOICES = ("first", "all", "none")
@@ -188,7 +188,7 @@ def train_npe_nsf(
 ) -> tuple[Sampler, dict[str, Any]]:
     """NPE (sbi's NSF, sbibm's settings) on the same simulations as the fff run with this seed."""
     from ..data.sbi import load_sbi_task
-    from ..sbi_baseline import train_npe_on_dataset
+    from ..eval.baselines import train_npe_on_dataset
 
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_sbi_task(task, budget, seed=seed)
@@ -289,9 +289,9 @@ def score_observations(
     """C2ST of ``num_samples`` draws against the reference, per observation; saves draws and plots.
 
     With ``classifier="batched"`` all observations are scored at once by
-    :func:`freeflows.c2st.c2st_many` (each ``c2st_seconds`` is then the batch's time over the
-    number of observations); otherwise one :func:`freeflows.c2st.c2st` call each."""
-    from ..c2st import c2st, c2st_many
+    :func:`freeflows.eval.c2st.c2st_many` (each ``c2st_seconds`` is then the batch's time over the
+    number of observations); otherwise one :func:`freeflows.eval.c2st.c2st` call each."""
+    from ..eval.c2st import c2st, c2st_many
 
     rows, pairs = [], []
     for k, num in enumerate(observations):

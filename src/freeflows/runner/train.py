@@ -102,7 +102,7 @@ def train(
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from ..metrics import evaluate_model
+    from ..eval.metrics import evaluate_model
     from .callbacks import AtomicCheckpointIO, CSVMetricsLogger, RunCheckpoint, TrainingInterrupted
     from .data import SplitDataModule
     from .module import FlowModule
@@ -271,7 +271,7 @@ def write_plots(run_dir: Path, model: nn.Module, data: DataSet) -> list[Path]:
     with torch.no_grad():
         samples = model.sample(min(5000, len(data.test)), None if data.test.c is None else data.test.c[0])
     if data.kind == "particles":
-        from .. import plots_particles
+        from ..plots import particles as plots_particles
 
         made = []
         if "energy" in data.meta:
@@ -313,7 +313,7 @@ def evaluate_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
     """Recompute a run's test metrics (and plots) from its checkpoint. The recomputed keys replace
     those in ``metrics.json``; every other key there (training time, steps, keys written by other
     commands) is kept."""
-    from ..metrics import evaluate_model
+    from ..eval.metrics import evaluate_model
 
     _, data, model = load_run(run_dir)
     t = time.perf_counter()

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .contract import NumericalError
-from .data.base import DataSet, Split
-from .eval.mass import DEFAULT_DRAWS, DEFAULT_NODES, MassEstimate, combine_masses, density_mass
+from ..contract import NumericalError
+from ..data.base import DataSet, Split
+from .mass import DEFAULT_DRAWS, DEFAULT_NODES, MassEstimate, combine_masses, density_mass
 
 #: For particle data, rows per ``log_prob`` batch times the event size is at most this.
 PARTICLE_ELEMENTS = 4096
@@ -221,7 +221,7 @@ def particle_metrics(
       counts the others; LJ energies of overlapping particles overflow), and ``data_energy_mean`` /
       ``_median`` of the test split; ``ess_samples``, the number of draws.
     """
-    from .particle_metrics import effective_sample_size, log_importance_weights
+    from .particles import effective_sample_size, log_importance_weights
 
     energy = data.meta["energy"]
     samples, log_qs = [], []

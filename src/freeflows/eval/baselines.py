@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.base import DataSet
-from .data.sbi import get_task
+from ..data.base import DataSet
+from ..data.sbi import get_task
 
 
 def _import_sbi() -> Any:

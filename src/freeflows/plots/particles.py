@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .particle_metrics import interparticle_distances
+from ..eval.particles import interparticle_distances
 
 
 def _numpy(x: Tensor) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.base import DataSet
-from .metrics import batched_log_prob
+from ..data.base import DataSet
+from ..eval.metrics import batched_log_prob
 
 
 def _plt():
@@ -37,7 +37,7 @@ def plot_density(model: nn.Module, data: DataSet, path: Path, grid: int = 160) -
     (xlo, xhi), *rest = _bounds(x)
     if data.event_shape[0] == 1:
         t = torch.linspace(xlo, xhi, 600).unsqueeze(1)
-        from .data.base import Split
+        from ..data.base import Split
 
         q = batched_log_prob(model, Split(t)).exp().numpy()  # NaN (unsolved) points leave gaps
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -51,7 +51,7 @@ def plot_density(model: nn.Module, data: DataSet, path: Path, grid: int = 160) -
         ylo, yhi = rest[0]
         gx, gy = torch.meshgrid(torch.linspace(xlo, xhi, grid), torch.linspace(ylo, yhi, grid), indexing="xy")
         pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
-        from .data.base import Split
+        from ..data.base import Split
 
         q = batched_log_prob(model, Split(pts), 4000).exp().reshape(grid, grid).numpy()
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
