@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ N = 4096
 OTHER_FILES = ("sampling_speed.json", "autoregressive_timing.json")
 
 
-def sampler(kind: str, dim: int, n: int):
+def sampler(kind: str, dim: int, n: int) -> Callable[[], Any]:
     from ..experiments.models import build_model
 
     base, options = VARIANTS.get(kind, (kind, {}))

@@ -35,6 +35,7 @@ never used for training or model selection:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,14 @@ def _subset(x: Tensor, n: int | None, seed: int) -> Tensor:
 
 
 def _particles(
-    name: str, train: Tensor, heldout: Tensor, n_particles: int, n_dims: int, energy, seed: int, n_train
+    name: str,
+    train: Tensor,
+    heldout: Tensor,
+    n_particles: int,
+    n_dims: int,
+    energy: Callable[[Tensor], Tensor],
+    seed: int,
+    n_train: int,
 ) -> DataSet:
     train = center(_subset(train, n_train, seed), n_particles, n_dims)
     heldout = center(heldout, n_particles, n_dims)

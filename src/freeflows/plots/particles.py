@@ -28,7 +28,13 @@ def _data_range(reference: np.ndarray) -> tuple[float, float]:
     return (float(lo - 0.25 * span), float(hi + span))
 
 
-def _histograms(series: dict[str, np.ndarray], path: str | Path, xlabel: str, bins: int, value_range) -> Path:
+def _histograms(
+    series: dict[str, np.ndarray],
+    path: str | Path,
+    xlabel: str,
+    bins: int,
+    value_range: tuple[float, float] | None,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)

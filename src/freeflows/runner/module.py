@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -32,7 +33,9 @@ from .callbacks import DivergenceError
 from .data import unpack
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict[str, Any], max_steps: int):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, optim_cfg: dict[str, Any], max_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning-rate schedule: ``constant``, ``cosine`` (to zero) or ``onecycle``, each
     with an optional linear warm-up; ``schedule_steps`` defaults to the run's step count
     (:func:`freeflows.runner.train.training_steps`)."""
@@ -75,7 +78,7 @@ class FlowModule(L.LightningModule):
         self._t0: float | None = None
 
     # -- optimisation ---------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.Adam(
             self.model.parameters(), lr=self.optim_cfg["lr"], weight_decay=self.optim_cfg["weight_decay"]
         )
@@ -103,7 +106,7 @@ class FlowModule(L.LightningModule):
                 f"Likely fix: {hint}."
             )
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         x, c = unpack(batch)
         # The step's random draws (Hutchinson probes, ...) depend only on (seed, step, retry, rank),
         # so a resumed run draws exactly what the uninterrupted run drew. A skipped batch does not
@@ -144,7 +147,7 @@ class FlowModule(L.LightningModule):
         return None
 
     # -- validation -----------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         x, c = unpack(batch)
         extra = {}
         try:
