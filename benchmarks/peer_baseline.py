@@ -313,6 +313,15 @@ def train_side_by_side(
     return trainees
 
 
+def paired_difference(log_q_ref: Tensor, log_q: Tensor) -> dict[str, float]:
+    r"""Mean and standard error over test rows of :math:`\log q_{\mathrm{ref}} - \log q`, on the
+    rows where both are finite: how much worse ``log_q`` is than the reference, in NLL (and in
+    KL(p‖q), where :math:`\log p` cancels). Paired, so the rows' own spread cancels."""
+    ok = torch.isfinite(log_q_ref) & torch.isfinite(log_q)
+    mean, se = _mean_stderr((log_q_ref - log_q)[ok])
+    return {"diff": mean, "stderr": se, "n": int(ok.sum())}
+
+
 def _mean_stderr(v: Tensor) -> tuple[float, float]:
     v = v.double()
     n = v.numel()
@@ -328,6 +337,7 @@ def evaluate_density(
     true_log_prob: LogProb | None,
     chunk: int = 1000,
     mass_data: Tensor | None = None,
+    keep_values: bool = False,
 ) -> dict[str, Any]:
     """Test metrics of one log-density on ``x``: NLL and (with the true density)
     :math:`\\mathrm{KL}(p\\|q) = \\mathbb E_p[\\log p - \\log q]`, each as mean and standard error
@@ -337,7 +347,10 @@ def evaluate_density(
     With ``mass_data`` (points the estimate must cover, e.g. the training split), also the mass
     :math:`M = \\int \\exp \\log q` (:func:`freeflows.eval.mass.density_mass`: quadrature in 1 and
     2 dimensions, NaN points counted as zero) and the NLL and KL of the mass-normalised density
-    :math:`q / M` (``+ \\log M``); for a normalised density, :math:`M = 1` checks it."""
+    :math:`q / M` (``+ \\log M``); for a normalised density, :math:`M = 1` checks it.
+
+    With ``keep_values``, the per-row log-densities are returned too, under ``"log_q"`` (a
+    tensor, for paired comparisons; not JSON)."""
     start = time.process_time()
     parts = []
     for i in range(0, x.shape[0], chunk):
@@ -352,6 +365,8 @@ def evaluate_density(
         "n_failed": int((~finite).sum()),
         "eval_cpu_seconds": cpu,
     }
+    if keep_values:
+        out["log_q"] = log_q
     out["nll"], out["nll_stderr"] = _mean_stderr(-log_q[finite])
     if true_log_prob is not None:
         log_p = true_log_prob(x).detach()

@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import sys
 import time
@@ -54,6 +55,7 @@ from peer_baseline import (
     evaluate_density,
     exact_flow_contender,
     fff_contender,
+    paired_difference,
     train_side_by_side,
     zuko_contender,
 )
@@ -92,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="processes, one task (data set, seed, budget) each")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="peer_toys", help="file stem of the JSON and Markdown")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only rewrite the Markdown of a finished run's JSON (no training)",
+    )
     args = p.parse_args(argv)
     for spec in args.fff_variant:
         _parse_variant(spec, set())
@@ -201,13 +210,18 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             "final_train_loss": sum(t.last_losses) / max(1, len(t.last_losses)),
             "densities": {
                 label: evaluate_density(
-                    d, data.test.x, data.true_log_prob, mass_data=data.train.x if task["mass"] else None
+                    d,
+                    data.test.x,
+                    data.true_log_prob,
+                    mass_data=data.train.x if task.get("mass", True) else None,
+                    keep_values=True,
                 )
                 for label, d in c.densities.items()
             },
         }
         rows.append(row)
         print(f"  {dataset} seed {seed} {budget}: {_row_summary(row)}", flush=True)
+    _pair_with_peer(rows)
     return {
         "dataset": dataset,
         "seed": seed,
@@ -224,6 +238,19 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - wall,
         "rows": rows,
     }
+
+
+def _pair_with_peer(rows: list[dict[str, Any]]) -> None:
+    """Add to every density of every row ``vs_peer``: its paired difference over test rows from
+    the peer's log-density (:func:`peer_baseline.paired_difference`; positive: worse than the
+    peer); then drop the per-row values."""
+    peer = next((r for r in rows if r["model"] == PEER), None)
+    ref = peer["densities"]["log_prob"]["log_q"] if peer else None
+    for row in rows:
+        for d in row["densities"].values():
+            log_q = d.pop("log_q")
+            if ref is not None and row is not peer:
+                d["vs_peer"] = paired_difference(ref, log_q)
 
 
 def _primary(row: dict[str, Any]) -> tuple[str, str]:
@@ -278,6 +305,10 @@ def summarise(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             extra["value_mass_normalised"], extra["pm_mass_normalised"] = _mean_se(
                 [d[f"{metric}_mass_normalised"] for _, d in entries], entries[0][1][f"{metric}_stderr"]
             )
+        if entries and all("vs_peer" in d for _, d in entries):
+            extra["vs_peer"], extra["vs_peer_pm"] = _mean_se(
+                [d["vs_peer"]["diff"] for _, d in entries], entries[0][1]["vs_peer"]["stderr"]
+            )
         table.append(
             {
                 **extra,
@@ -301,6 +332,23 @@ def summarise(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def _versus(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How far ``a`` is behind ``b`` (both ranked entries; ``a`` the worse), with the standard
+    error of the difference: paired over test rows (one seed) or over seeds when one of the two
+    is the peer and the paired value exists, else unpaired (the two ± combined)."""
+    gap = a["value"] - b["value"]
+    paired = a if b["model"] == PEER else b if a["model"] == PEER else None
+    if paired is not None and "vs_peer" in paired:
+        se, how = paired["vs_peer_pm"], "paired"
+    else:
+        se, how = math.hypot(a["pm"], b["pm"]), "unpaired"
+    if not se > 0:
+        return f"by {gap:.4f}"
+    z = gap / se
+    clear = "" if z >= 2 else "; not a clear difference"
+    return f"by {gap:.4f} ± {se:.4f} ({z:.1f} standard errors, {how}{clear})"
+
+
 def verdict(entries: list[dict[str, Any]]) -> str:
     """A plain sentence: which model wins (normalised densities only) and by how much, and how
     the free-form flow's normalised density compares with the peer."""
@@ -309,32 +357,28 @@ def verdict(entries: list[dict[str, Any]]) -> str:
         return "No model has a finite normalised density here."
     ranked.sort(key=lambda e: e["value"])
     best, metric = ranked[0], ("KL" if ranked[0]["metric"] == "kl" else "test NLL")
-    out = [f"{best['model']} wins ({metric} {best['value']:.4f} ± {best['pm']:.4f})"]
+    sentence = f"{best['model']} wins ({metric} {best['value']:.4f} ± {best['pm']:.4f})"
     if len(ranked) > 1:
         second = ranked[1]
-        gap = second["value"] - best["value"]
-        se = math.hypot(best["pm"], second["pm"])
-        out.append(
-            f"ahead of {second['model']} ({second['value']:.4f} ± {second['pm']:.4f}) by {gap:.4f} "
-            f"({gap / se:.1f} standard errors)"
-            if se > 0
-            else f"ahead of {second['model']} by {gap:.4f}"
+        sentence += (
+            f", ahead of {second['model']} ({second['value']:.4f} ± {second['pm']:.4f}) "
+            f"{_versus(second, best)}"
         )
-    sentence = ", ".join(out) + "."
+    sentence += "."
     fff = next((e for e in ranked if e["model"] == "fff"), None)
     peer = next((e for e in ranked if e["model"] == PEER), None)
-    if fff and peer and fff is not best:
+    if fff and peer and fff["value"] > peer["value"]:
         ratio = (
-            f", {fff['value'] / peer['value']:.1f}× the peer's"
+            f"; its KL is {fff['value'] / peer['value']:.1f}× the peer's"
             if metric == "KL" and peer["value"] > 0
             else ""
         )
         sentence += (
             f" The free-form flow (normalised) loses to {PEER}: {fff['value']:.4f} against "
-            f"{peer['value']:.4f}, worse by {fff['value'] - peer['value']:.4f}{ratio}."
+            f"{peer['value']:.4f}, worse {_versus(fff, peer)}{ratio}."
         )
     elif fff and peer:
-        sentence += f" The free-form flow (normalised) beats {PEER} by {peer['value'] - fff['value']:.4f}."
+        sentence += f" The free-form flow (normalised) beats {PEER} {_versus(peer, fff)}."
     failed = [e for e in entries if e["model"].startswith("fff") and e["normalised"] and any(e["n_failed"])]
     for e in failed:
         sentence += f" {e['model']}: the solve failed on {sum(e['n_failed'])} test rows (over all seeds)."
@@ -356,7 +400,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"a one-cycle schedule in budget progress, gradient-norm clip, final weights "
         f"(no validation-based selection for any model). Equal CPU time: {s['cpu_seconds']:g} CPU-s "
         f"of `time.process_time()` per model, interleaved in {s['slice']:g}-CPU-s turns. "
-        f"Equal steps: {s['steps']} steps per model.",
+        f"Equal steps: {s['steps']} steps per model. {s['workers']} worker process(es), "
+        f"{s.get('total_wall_seconds', float('nan')) / 60:.0f} min of wall time"
+        + (
+            f" (load average {s['load_average_at_start'][0]:.1f} at the start, "
+            f"{s['load_average_at_end'][0]:.1f} at the end)."
+            if "load_average_at_end" in s
+            else "."
+        ),
         "",
         "KL is KL(p‖q) = E_p[log p − log q] on the test split; NLL is the test NLL in nats. "
         + (
@@ -371,7 +422,12 @@ def markdown(result: dict[str, Any]) -> str:
         "± 3 standard deviations (2001 nodes in 1-D, 201² in 2-D; unsolved points count as zero; ± "
         "is the quadrature's error estimate, or the standard error over seeds); a normalised "
         "density must have M = 1 within it. The last column is the metric of the mass-normalised q/M "
-        "(metric + log M).",
+        "(metric + log M); ± inf there means the quadrature's tail bound does not apply (the outer "
+        f"shell at the box's edge holds as much mass as the inner one). Δ vs {PEER} is the row's "
+        f"metric minus {PEER}'s, paired over test rows (one seed; positive: worse than {PEER}) or "
+        "with the standard error over seeds. Steps per CPU-second fall when the shared machine is "
+        "loaded (cache and memory contention), for every model alike since they are interleaved: "
+        "compare models within a table, not step counts across runs.",
         "",
     ]
     for budget in [b for b in BUDGETS if any(t["budget"] == b for t in tasks)]:
@@ -387,13 +443,14 @@ def markdown(result: dict[str, Any]) -> str:
                 continue
             entries = [e for e in table if e["budget"] == budget and e["dataset"] == dataset]
             metric = "KL(p‖q)" if mine[0]["known_density"] else "test NLL"
+            paired = any("vs_peer" in e for e in entries)
             lines += [
                 f"### {dataset} ({mine[0]['n_train']} train / {mine[0]['n_test']} test rows, "
                 f"{mine[0]['features']}-D, lr {mine[0]['lr']:g}, batch {mine[0]['batch_size']})",
                 "",
                 f"| model | density | params | steps | CPU-s | {metric} ↓ | failed test rows | eval CPU-s "
-                f"| mass M | {metric} of q/M |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| mass M | {metric} of q/M |" + (f" Δ vs {PEER} |" if paired else ""),
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if paired else ""),
             ]
             for e in entries:
                 dens = e["density"] + ("" if e["normalised"] else " (not normalised)")
@@ -408,17 +465,40 @@ def markdown(result: dict[str, Any]) -> str:
                         if "mass" in e
                         else "— | — |"
                     )
+                    + (
+                        f" {e['vs_peer']:+.4f} ± {e['vs_peer_pm']:.4f} |"
+                        if "vs_peer" in e
+                        else " — |"
+                        if paired
+                        else ""
+                    )
                 )
             skipped = sorted({note for t in mine for note in t["skipped"]})
             lines += [""]
             if skipped:
                 lines += ["Skipped: " + "; ".join(skipped) + ".", ""]
+            if mine[0]["features"] == 1 and any(e["model"].startswith("zuko") for e in entries):
+                lines += [
+                    "In 1-D, zuko's masked networks have no inputs, so each transform's parameters are "
+                    "free constants: zuko MAF is one affine map of a Gaussian (a single Gaussian), "
+                    "zuko NSF a composition of three monotone splines.",
+                    "",
+                ]
             lines += [verdict(entries), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        if not args.render.is_file():
+            print(f"error: --render: {args.render} is not a file", file=sys.stderr)
+            return 2
+        result = json.loads(args.render.read_text())
+        result["table"] = summarise(result["tasks"])
+        args.render.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return 0
     try:
         import zuko
     except ImportError:
@@ -438,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr_override": args.lr,
         "threads": 1,
         "workers": args.workers,
+        "load_average_at_start": list(os.getloadavg()),
         "torch": torch.__version__,
         "zuko": zuko.__version__,
         "machine": f"{platform.machine()}, {mp.cpu_count()} cores (shared)",
@@ -468,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         result["tasks"].sort(key=lambda t: (t["budget"], DATASETS.index(t["dataset"]), t["seed"]))
         result["table"] = summarise(result["tasks"])
         settings["total_wall_seconds"] = time.perf_counter() - t0
+        settings["load_average_at_end"] = list(os.getloadavg())
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
         (args.out / f"{args.name}.md").write_text(markdown(result))
 
