@@ -232,7 +232,8 @@ def test_free_form_flow_samples_are_centred_and_loss_trains():
 
 @pytest.mark.slow
 def test_free_form_egnn_flow_learns_dw4():
-    """600 Adam steps on DW4 bring the exact validation NLL from ~18.7 (identity) below 11.
+    """600 Adam steps on DW4 bring the normalised validation NLL from ~18.7 (identity) below 11,
+    with at most 25 of 500 rows unsolved.
     (Reference runs: 12.98 after 300 steps, 10.55 after 400; 8.19 after 1500 with a cosine
     schedule.) Runs single-threaded: two threads on a shared 2-core machine were 13x slower."""
     from freeflows.data.particles import load_dw4
@@ -254,8 +255,12 @@ def test_free_form_egnn_flow_learns_dw4():
             loss.value.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
-        with torch.no_grad():
-            after = -model.log_prob(val).mean().item()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            log_q = model.log_prob(val)  # normalised: NaN where the root solve fails
+        unsolved = int(torch.isnan(log_q).sum())
+        after = -log_q.nanmean().item()
     finally:
         torch.set_num_threads(threads)
+    assert unsolved <= 25, unsolved  # 17 of 500 were unsolved at seed 0
     assert before > 17.0 and after < 11.0, (before, after)
