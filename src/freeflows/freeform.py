@@ -100,6 +100,16 @@ SURROGATE_MODES: tuple[str, ...] = ("jvp", "vjp")
 JACOBIAN_ELEMENTS = 2**24
 
 
+def _nan_where(failed: Tensor, values: Tensor, what: str, stacklevel: int) -> Tensor:
+    """``values`` with the ``failed`` rows set to NaN, and a :class:`RuntimeWarning`
+    "``k`` of ``n`` <what>" if there are any: the one way this module reports rows whose
+    solve did not converge, never with a guessed value."""
+    if not bool(failed.any()):
+        return values
+    warnings.warn(f"{int(failed.sum())} of {failed.numel()} {what}", RuntimeWarning, stacklevel=stacklevel)
+    return torch.where(failed, torch.full_like(values, float("nan")), values)
+
+
 class FreeFormFlow(DensityModule):
     r"""A normalizing flow from an encoder ``f`` and a decoder ``g`` of any architecture.
 
@@ -736,16 +746,13 @@ class FreeFormFlow(DensityModule):
                 module=self.decoder, takes_c=self._decoder_takes_c,
             )
             log_prob = self.latent.log_prob(z) - log_det
-        failed = ~solve.converged
-        if bool(failed.any()):
-            warnings.warn(
-                f"{int(failed.sum())} of {x.shape[0]} rows: the solve g(z) = x did not converge "
-                "(the point may lie outside the decoder's range); their log_prob is NaN",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            log_prob = torch.where(failed, torch.full_like(log_prob, float("nan")), log_prob)
-        return log_prob
+        return _nan_where(
+            ~solve.converged,
+            log_prob,
+            "rows: the solve g(z) = x did not converge (the point may lie outside the decoder's "
+            "range); their log_prob is NaN",
+            stacklevel=6,
+        )
 
     def diagnostics(
         self, x: Tensor, c: Tensor | None = None, log_prob: Tensor | None = None
@@ -889,12 +896,8 @@ class FreeFormFlow(DensityModule):
         x, residual = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
         log_q = self._log_prob(x, c, variant="encoder")
         failed = ~(residual <= decoder_tolerance(z, self.solve_rtol))
-        if bool(failed.any()):
-            warnings.warn(
-                f"{int(failed.sum())} of {n} refined draws did not reach f(x) = z within the "
-                "tolerance; their log-density is NaN (raise sample_refine_steps)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            log_q = torch.where(failed, torch.full_like(log_q, float("nan")), log_q)
-        return x, log_q
+        message = (
+            "refined draws did not reach f(x) = z within the tolerance; their log-density is NaN "
+            "(raise sample_refine_steps)"
+        )
+        return x, _nan_where(failed, log_q, message, stacklevel=3)
