@@ -24,6 +24,7 @@ CORE_MODULES = [
     "freeflows.contract",
     "freeflows.distributions",
     "freeflows.hutchinson",
+    "freeflows.inverse_defect",
     "freeflows.inversion",
     "freeflows.jacobian",
     "freeflows.serialization",

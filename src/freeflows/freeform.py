@@ -75,6 +75,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -197,7 +198,9 @@ class FreeFormFlow(DensityModule):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
         check_condition_dim(condition_dim)
-        condition_dim = resolve_condition_dim(condition_dim, {"encoder": encoder, "decoder": decoder})
+        condition_dim = resolve_condition_dim(
+            condition_dim, {"encoder": encoder, "decoder": decoder, "latent": latent}
+        )
         if jacobian_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jacobian_mode {jacobian_mode!r}; choose auto, forward or reverse")
         if surrogate not in SURROGATE_MODES:
@@ -223,6 +226,8 @@ class FreeFormFlow(DensityModule):
         self.solve_restarts = 1024
         self._encoder_takes_c = accepts_condition(encoder)
         self._decoder_takes_c = accepts_condition(decoder)
+        # A latent whose log_prob takes c (MaskedMeanFreeNormal: a support that depends on c).
+        self._latent_takes_c = "c" in inspect.signature(latent.log_prob).parameters
 
     @classmethod
     @named_constructor
@@ -409,6 +414,14 @@ class FreeFormFlow(DensityModule):
         self._check_shape("decoder", z, x)
         return x
 
+    def _latent_log_prob(self, z: Tensor, c: Tensor | None) -> Tensor:
+        return self.latent.log_prob(z, c) if self._latent_takes_c else self.latent.log_prob(z)
+
+    def _latent_sample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        if self._latent_takes_c:
+            return self.latent.sample(n, c, generator=generator)
+        return self.latent.sample(n, generator=generator)
+
     @staticmethod
     def _check_shape(name: str, inp: Tensor, out: Tensor) -> None:
         if out.shape != inp.shape:
@@ -458,7 +471,7 @@ class FreeFormFlow(DensityModule):
                 z, x_hat, surrogate = self._surrogate_vjp(x.detach(), c, v, k)
             else:
                 z, x_hat, surrogate = self._surrogate_jvp(x.detach(), c, v, k)
-            nll = -self.latent.log_prob(z)
+            nll = -self._latent_log_prob(z, c)
             reconstruction = (x - x_hat).reshape(batch, -1).square().sum(dim=1)
             value = (nll - surrogate + self.beta * reconstruction).mean()
         parts = {"latent_nll": nll.mean().detach(), "reconstruction": reconstruction.mean().detach()}
@@ -613,8 +626,16 @@ class FreeFormFlow(DensityModule):
         nearest to ``x`` (under each row's own condition when conditional)."""
         m = self.solve_restarts
         gen = torch.Generator(device=x.device).manual_seed(0)
-        draws = self.latent.sample(m, generator=gen).to(x)
         flat = x.reshape(x.shape[0], -1)
+        if self._latent_takes_c:  # draws of each row's own support, a bounded number at once
+            starts = []
+            for i in range(x.shape[0]):
+                ci = c[i : i + 1].expand(m, -1)
+                draws = self._latent_sample(m, ci, gen).to(x)
+                images = torch.cat([self.decode(d, cc) for d, cc in zip(draws.split(256), ci.split(256))])
+                starts.append(draws[(images.reshape(m, -1) - flat[i]).norm(dim=1).argmin()])
+            return torch.stack(starts)
+        draws = self.latent.sample(m, generator=gen).to(x)
         if c is None:
             images = self.decode(draws).reshape(m, -1)
             best = torch.cat([torch.cdist(part, images).argmin(dim=1) for part in flat.split(4096)])
@@ -716,7 +737,7 @@ class FreeFormFlow(DensityModule):
             module=net,
             takes_c=takes_c,
         )
-        return self.latent.log_prob(z) + log_det
+        return self._latent_log_prob(z, c) + log_det
 
     def _decoder_log_prob(self, x: Tensor, c: Tensor | None, chunk: int) -> Tensor:
         basis = getattr(self.latent, "basis", None)
@@ -725,7 +746,7 @@ class FreeFormFlow(DensityModule):
             x.requires_grad or any(p.requires_grad for p in self.decoder.parameters())
         )
         if not grads:
-            log_prob = self.latent.log_prob(solve.z) - log_abs_det(solve.jacobian)
+            log_prob = self._latent_log_prob(solve.z, c) - log_abs_det(solve.jacobian)
         else:
             # Implicit differentiation: z* - J^{-1}(g(z*) - x) has the value z* and, at the root,
             # the derivative dz*/d(x, theta) = J^{-1}(dx - dg/dtheta).
@@ -745,7 +766,7 @@ class FreeFormFlow(DensityModule):
                 self.decode, z, c, basis=basis, mode=self.jacobian_mode, chunk_size=chunk,
                 module=self.decoder, takes_c=self._decoder_takes_c,
             )
-            log_prob = self.latent.log_prob(z) - log_det
+            log_prob = self._latent_log_prob(z, c) - log_det
         return _nan_where(
             ~solve.converged,
             log_prob,
@@ -781,6 +802,51 @@ class FreeFormFlow(DensityModule):
         log_prob = self._log_prob(x, c) if log_prob is None else log_prob.reshape(-1)
         gap = (self._log_prob(x, c, variant="encoder") - log_prob).abs()
         return {"reconstruction": reconstruction.mean().detach(), "log_prob_gap": gap.nanmean().detach()}
+
+    def inverse_defect(
+        self,
+        x: Tensor,
+        c: Tensor | None = None,
+        *,
+        probes: int = 1,
+        mode: HutchinsonMode | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Unbiased estimate per row of the squared inverse defect
+        :math:`\lVert J_g(f(x))\,J_f(x) - I\rVert_F^2`, which bounds the error of the
+        surrogate's gradient (:func:`freeflows.inverse_defect.inverse_defect`; on the latent's
+        subspace when it has a ``basis``). Costs ``probes`` forward-mode products through each
+        network; no Jacobian is formed.
+
+        Args:
+            x: data ``[*batch, *event]``.
+            c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
+            probes: probes per row.
+            mode: probe distribution, or ``None`` for the flow's ``hutchinson``.
+            generator: random number generator of the probes.
+
+        Returns:
+            ``[*batch]``.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.resnet(2, hidden=8)
+            >>> defect = flow.inverse_defect(torch.randn(3, 2), probes=4)
+            >>> defect.shape, float(defect.abs().max())  # g inverts f at initialisation
+            (torch.Size([3]), 0.0)
+        """
+        from .inverse_defect import inverse_defect
+
+        return self._per_row(
+            lambda x_, c_: inverse_defect(
+                self.encoder, self.decoder, x_, c_, probes=probes,
+                mode=self.hutchinson if mode is None else mode, basis=getattr(self.latent, "basis", None),
+                encoder_takes_c=self._encoder_takes_c, decoder_takes_c=self._decoder_takes_c,
+                generator=generator,
+            ),
+            x,
+            c,
+        )
 
     @property
     def divergence_hint(self) -> str:
@@ -822,7 +888,7 @@ class FreeFormFlow(DensityModule):
             raise ValueError(
                 "rsample draws g(z) without refinement; set sample_refine_steps = 0 to use it"
             )
-        return self.decode(self.latent.sample(n, generator=generator), c)
+        return self.decode(self._latent_sample(n, c, generator), c)
 
     @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -849,7 +915,7 @@ class FreeFormFlow(DensityModule):
         return super().sample(n, c, generator)
 
     def _sample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        z = self.latent.sample(n, generator=generator)
+        z = self._latent_sample(n, c, generator)
         if self.sample_refine_steps == 0:
             return self.decode(z, c)
         x, _ = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
@@ -888,11 +954,11 @@ class FreeFormFlow(DensityModule):
     def _sample_and_log_prob(
         self, n: int, c: Tensor | None, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        z = self.latent.sample(n, generator=generator)
+        z = self._latent_sample(n, c, generator)
         basis = getattr(self.latent, "basis", None)
         if self.sample_refine_steps == 0:
             x, jac = self._decoder_value_and_jacobian(self._chunk(None))(z, c)
-            return x, self.latent.log_prob(z) - log_abs_det(jac, basis)
+            return x, self._latent_log_prob(z, c) - log_abs_det(jac, basis)
         x, residual = invert_encoder(self.encode, self.decode, z, c, steps=self.sample_refine_steps)
         log_q = self._log_prob(x, c, variant="encoder")
         failed = ~(residual <= decoder_tolerance(z, self.solve_rtol))
