@@ -809,7 +809,7 @@ class FreeFormFlow(DensityModule):
         c: Tensor | None = None,
         *,
         probes: int = 1,
-        mode: HutchinsonMode | None = None,
+        mode: HutchinsonMode = "gaussian",
         generator: torch.Generator | None = None,
     ) -> Tensor:
         r"""Unbiased estimate per row of the squared inverse defect
@@ -822,7 +822,8 @@ class FreeFormFlow(DensityModule):
             x: data ``[*batch, *event]``.
             c: conditions ``[C]`` or broadcastable to ``[*batch, C]``, or ``None``.
             probes: probes per row.
-            mode: probe distribution, or ``None`` for the flow's ``hutchinson``.
+            mode: probe distribution, ``"gaussian"``, ``"rademacher"`` or ``"sphere"`` (at most
+                ``D`` probes).
             generator: random number generator of the probes.
 
         Returns:
@@ -840,7 +841,7 @@ class FreeFormFlow(DensityModule):
         return self._per_row(
             lambda x_, c_: inverse_defect(
                 self.encoder, self.decoder, x_, c_, probes=probes,
-                mode=self.hutchinson if mode is None else mode, basis=getattr(self.latent, "basis", None),
+                mode=mode, basis=getattr(self.latent, "basis", None),
                 encoder_takes_c=self._encoder_takes_c, decoder_takes_c=self._decoder_takes_c,
                 generator=generator,
             ),

@@ -4,6 +4,8 @@ It knows nothing of the model's kind. Optional hooks a model may offer:
 
 * ``diagnostics(x, c, log_prob=...) -> dict`` of extra validation metrics (free-form flows
   report ``reconstruction`` and ``log_prob_gap``);
+* ``inverse_defect(x, c, probes=..., generator=...) -> Tensor`` per row, logged as
+  ``val/inverse_defect`` (batch mean; free-form flows: ``||J_g J_f - I||_F^2``);
 * ``divergence_hint`` (str): what to change when training diverges.
 
 Every training step reseeds torch's global generator from (seed, step, rank): the randomness
@@ -157,6 +159,10 @@ class FlowModule(L.LightningModule):
                 log_prob = self.model.log_prob(x, c).detach()
                 if hasattr(self.model, "diagnostics"):
                     extra = self.model.diagnostics(x, c, log_prob=log_prob)
+                if hasattr(self.model, "inverse_defect"):  # ||J_g J_f - I||_F^2, batch mean
+                    probes = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+                    defect = self.model.inverse_defect(x, c, probes=4, generator=probes)
+                    extra["inverse_defect"] = defect.mean()
         except NumericalError as err:  # an infinite val/nll never becomes the best checkpoint
             rank_zero_warn(f"validation at step {self.global_step}: {err}")
             log_prob, extra = torch.full((x.shape[0],), -math.inf, device=x.device), {}
