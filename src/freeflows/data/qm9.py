@@ -131,6 +131,7 @@ class Molecules:
         return Molecules((self.positions - mean) * m, self.types, self.smiles)
 
     def __len__(self) -> int:
+        """Number of molecules."""
         return self.positions.shape[0]
 
     def __getitem__(self, idx: Any) -> Molecules:
@@ -176,7 +177,15 @@ def split_indices(split: str, n: int = N_MOLECULES) -> np.ndarray:
 
 def cache_path(cache: Path | str | None = None) -> Path:
     """Where the converted QM9 file lives: ``cache`` (a directory or a ``.npz`` path), else
-    ``$FREEFLOWS_CACHE/qm9.npz``, else ``~/.cache/freeflows/qm9.npz``."""
+    ``$FREEFLOWS_CACHE/qm9.npz``, else ``~/.cache/freeflows/qm9.npz``.
+
+    Args:
+        cache: a directory, or the path of the ``.npz`` file itself.
+
+    Example:
+        >>> cache_path("/data/qm9").as_posix(), cache_path("/tmp/my.npz").as_posix()
+        ('/data/qm9/qm9.npz', '/tmp/my.npz')
+    """
     if cache is not None:
         cache = Path(cache).expanduser()
         return cache if cache.suffix == ".npz" else cache / CACHE_NAME
@@ -312,6 +321,11 @@ def load_qm9(split: str, cache: Path | str | None = None) -> Molecules:
     Raises:
         ValueError: for an unknown split, or an unreadable cache that cannot be rebuilt.
         ModuleNotFoundError: when the cache is missing and ``qm9pack`` is not installed.
+
+    Example:
+        >>> test = load_qm9("test")  # doctest: +SKIP
+        >>> len(test), test.smiles[0]  # doctest: +SKIP
+        (13083, 'CCCC(O)C(C)(C)C')
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

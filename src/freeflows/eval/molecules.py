@@ -294,12 +294,22 @@ def _smiles_from_orders(orders: Tensor, types: Tensor, mask: Tensor) -> list[str
 
 
 def validity(smiles: list[str | None]) -> float:
-    """Share of molecules whose SMILES (from :func:`molecule_smiles`) exists."""
+    """Share of molecules whose SMILES (from :func:`molecule_smiles`) exists.
+
+    Example:
+        >>> validity(["CCO", None, "C", "CCO"])
+        0.75
+    """
     return sum(s is not None for s in smiles) / len(smiles) if smiles else 0.0
 
 
 def uniqueness(smiles: list[str | None]) -> float:
-    """Share of distinct SMILES among the valid ones (0 without valid molecules)."""
+    """Share of distinct SMILES among the valid ones (0 without valid molecules).
+
+    Example:
+        >>> uniqueness(["CCO", None, "C", "CCO"])
+        0.6666666666666666
+    """
     valid = [s for s in smiles if s is not None]
     return len(set(valid)) / len(valid) if valid else 0.0
 
@@ -312,7 +322,16 @@ def _canonical_set(smiles: tuple[str, ...]) -> frozenset[str]:
 
 def novelty(smiles: list[str | None], train_smiles: Iterable[str]) -> float:
     """Share of the distinct valid SMILES not in ``train_smiles`` (canonicalised here, and
-    remembered for the next call with the same strings; 0 without valid molecules)."""
+    remembered for the next call with the same strings; 0 without valid molecules).
+
+    Args:
+        smiles: from :func:`molecule_smiles`, ``None`` for invalid molecules.
+        train_smiles: the training set's SMILES; a ``frozenset`` is taken as already canonical.
+
+    Example:
+        >>> novelty(["CCO", None, "C", "CCO"], train_smiles=["OCC"])
+        0.5
+    """
     unique = {s for s in smiles if s is not None}
     if not unique:
         return 0.0
@@ -341,6 +360,11 @@ def qm9_train_smiles(cache: Path | str | None = None) -> frozenset[str]:
 
     Args:
         cache: the QM9 cache's directory (or ``.npz`` path); see :func:`~freeflows.data.qm9.cache_path`.
+
+    Example:
+        >>> train = qm9_train_smiles()  # doctest: +SKIP
+        >>> len(train)  # distinct among 100,000  # doctest: +SKIP
+        99953
     """
     return _train_smiles_cached(cache_path(cache).parent / "qm9_train_smiles.txt")
 
