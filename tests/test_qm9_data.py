@@ -89,6 +89,7 @@ def test_molecules_indexing():
     picked = m[idx]
     assert picked.smiles == [m.smiles[5], m.smiles[0], m.smiles[5]]
     assert torch.equal(picked.positions, m.positions[idx]) and torch.equal(picked.n_atoms, m.n_atoms[idx])
+    assert m[np.int64(7)].smiles == m[torch.tensor(7)].smiles == [m.smiles[7]]
     assert m[[3, 4]].smiles == m.smiles[3:5] and m[np.array([3, 4])].smiles == m.smiles[3:5]
     keep = m.n_atoms > 20
     big = m[keep]

@@ -87,8 +87,8 @@ class Molecules:
             come first in every row.
         smiles: one SMILES string per molecule, as shipped with the data.
 
-    Indexing with an integer, a slice, a list, or an integer or boolean array or tensor gives
-    another :class:`Molecules` (an integer gives a batch of one).
+    Indexing with an integer, a slice, a list, or a 1-D integer or boolean array or tensor gives
+    another :class:`Molecules` (an integer, also a numpy or torch scalar, gives a batch of one).
 
     Example:
         >>> mols = qm9_slice()
@@ -145,6 +145,8 @@ class Molecules:
             if index.shape != (len(self),):
                 raise ValueError(f"a boolean index must have shape ({len(self)},), got {tuple(index.shape)}")
             index = index.nonzero().squeeze(1)
+        if index.dim() == 0:  # a numpy or torch integer scalar
+            index = index.reshape(1)
         if index.dim() != 1 or (index.numel() and index.is_floating_point()):
             raise ValueError(f"index molecules with integers, slices or a 1-D index, got {idx!r}")
         index = index.long()
