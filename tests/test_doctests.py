@@ -35,6 +35,7 @@ CORE_MODULES = [
     "freeflows.transforms.conditioner",
     "freeflows.transforms.coupling",
     "freeflows.transforms.glow",
+    "freeflows.transforms.ode",
     "freeflows.transforms.planar",
     "freeflows.nets",
     "freeflows.nets.egnn",

@@ -1,54 +1,35 @@
 r"""Continuous normalizing flows (FFJORD), with RNODE regularisers and augmented dimensions.
 
-**Dynamics and signs.** A velocity field :math:`f(t, x, c)` defines trajectories
-:math:`\dot x = f(t, x, c)`. Following the library's direction convention, *forward* carries the
-data :math:`x = x(0)` to the latent :math:`z = x(t_1)`. Along a trajectory the density obeys the
-instantaneous change of variables
-
-.. math:: \frac{d}{dt} \log p_t(x(t)) = -\operatorname{tr} \frac{\partial f}{\partial x}(t, x(t)),
-
-so with :math:`\ell(t) = \int_0^t \operatorname{tr} \partial_x f(s, x(s))\, ds` integrated
-alongside :math:`x` from :math:`\ell(0) = 0`,
+A :class:`CNF` is a latent distribution :math:`p_Z` pushed through the flow map of
+:math:`\dot x = f(t, x, c)` (:class:`~freeflows.transforms.ode.ODETransform`, which holds the
+solves, the trace estimators, the RNODE integrals and the function-evaluation counts; its module
+docstring has the maths). *Forward* carries the data :math:`x = x(0)` to the latent
+:math:`z = x(t_1)`, and with :math:`\ell(t_1) = \int_0^{t_1} \operatorname{tr} \partial_x f\, dt`,
 
 .. math:: \log p(x) = \log p_Z(z) + \ell(t_1).
 
 (A field that expands volume, :math:`\operatorname{tr}\partial_x f > 0`, maps a region of data to
 a larger region of latent, so the data density is *higher* than the latent density there.)
 Sampling integrates :math:`\dot x = f` backwards from :math:`t_1` to :math:`0`, from
-:math:`z \sim p_Z`. All solves use ``torchdiffeq`` (``odeint``, or ``odeint_adjoint`` with
-``adjoint=True``), so values are exact up to the solver tolerances ``rtol`` and ``atol``.
+:math:`z \sim p_Z`.
 
 **Tolerances.** :meth:`CNF.log_prob`, :meth:`CNF.sample` and :meth:`CNF.transform` always solve
 with ``rtol``/``atol``. :meth:`CNF.loss` (training) solves with ``train_rtol``/``train_atol``,
 which default to the same values; looser training tolerances (e.g. ``1e-3``) halve the cost of a
 training step on toy data while the reported densities keep the tight ones.
 
-**Trace.** ``"exact"``: the per-row Jacobian :math:`J = \partial_x f \in \mathbb R^{D\times D}` with
-``torch.func`` (``vmap`` of ``jacrev``, :math:`D` reverse products per evaluation, batched), for
-small :math:`D`. ``"hutchinson"``: a probe :math:`v` with :math:`\mathbb E[vv^\top] = I` is drawn
-**once per solve** and held fixed in time (as in FFJORD), and :math:`v^\top J v` is computed from
-one vector-Jacobian product :math:`e = v^\top J`. Then :math:`\int v^\top J v\,dt` is an unbiased
-estimate of :math:`\ell(t_1)`. :meth:`CNF.log_prob` uses the exact trace by default, whatever the
-training trace is; :meth:`CNF.loss` uses the configured one.
+**Trace.** :meth:`CNF.log_prob` uses the exact trace by default, whatever the training trace is;
+:meth:`CNF.loss` uses the configured one (``"exact"`` or a ``"hutchinson"`` estimate).
 
 **Latents on a subspace.** If ``latent.basis`` is an orthonormal :math:`Q \in \mathbb R^{D\times m}`
 (e.g. :class:`~freeflows.distributions.MeanFreeNormal`), the field must keep trajectories in that
 subspace (e.g. an equivariant, mean-free velocity), and the density is the one with respect to the
-subspace's Lebesgue measure: the trace is :math:`\operatorname{tr}(Q^\top J Q) = \operatorname{tr}(J
-QQ^\top)` and Hutchinson probes are :math:`v = Qu`, :math:`u \in \mathbb R^m`, so that
-:math:`\mathbb E[v^\top J v] = \operatorname{tr}(Q^\top J Q)` too.
+subspace's Lebesgue measure (the trace is :math:`\operatorname{tr}(Q^\top J Q)`).
 
-**RNODE regularisers** (Finlay et al., 2020), integrated as two more state components:
-
-.. math:: \mathcal K = \int_0^{t_1} \lVert f(t, x(t)) \rVert^2 dt, \qquad
-   \mathcal J = \int_0^{t_1} \lVert \partial_x f(t, x(t)) \rVert_F^2 dt .
-
-The exact trace gives :math:`\lVert Q^\top J\rVert_F^2` (:math:`\lVert J \rVert_F^2` without a
-basis) from the Jacobian it already has; the Hutchinson trace gives :math:`\lVert e \rVert^2 =
-\lVert v^\top J \rVert^2`, whose expectation is the same, with no extra pass. Both are always
-integrated (they are cheap and are logged) but are **excluded from the solver's error control**, so
-they do not change the steps taken; they enter the loss only with the weights of
-``regularization``.
+**RNODE regularisers** (Finlay et al., 2020): the kinetic energy :math:`\mathcal K = \int
+\lVert f\rVert^2 dt` and the Jacobian norm :math:`\mathcal J = \int \lVert \partial_x f
+\rVert_F^2 dt` are integrated in every density solve (they are logged) and enter the loss only
+with the weights of ``regularization``.
 
 **Augmented dimensions** (augmented neural ODEs, Dupont et al., 2019). With ``augment_dims = k``
 the ODE runs on :math:`(x, a) \in \mathbb R^{D+k}` with latent :math:`p_Z(z_x)\,\mathcal N(z_a; 0,
@@ -65,11 +46,9 @@ backwards, drop :math:`a`). The marginal has no closed form, so with ``augment_d
 and is tight when :math:`q(a \mid x) = \mathcal N(a; 0, I_k)`. Training minimises the negative
 :math:`K = 1` bound.
 
-**NFE.** Every call of the dynamics is counted. ``nfe_forward`` counts the density direction
-(``log_prob`` and ``loss``), ``nfe_sample`` the sampling direction, and ``nfe_backward`` the
-function evaluations that the training backward pass differentiates through: in adjoint mode these
-are the evaluations of the backward (adjoint) solve; with direct backprop, the evaluations of the
-forward solve whose outputs receive a gradient. ``reset_nfe()`` zeroes all three.
+**NFE.** ``nfe_forward`` counts the density direction (``log_prob`` and ``loss``),
+``nfe_sample`` the sampling direction, and ``nfe_backward`` the function evaluations that the
+training backward pass differentiates through. ``reset_nfe()`` zeroes all three.
 
 References:
     Chen, Rubanova, Bettencourt and Duvenaud, "Neural Ordinary Differential Equations" (2018),
@@ -82,34 +61,34 @@ References:
     and kinetic regularization" (2020), arXiv:2002.02798.
 
     Dupont, Doucet and Teh, "Augmented Neural ODEs" (2019), arXiv:1904.01681.
-
-    Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
-    smoothing splines", Communications in Statistics - Simulation and Computation 18(3) (1989).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev, vmap
 
 from .checks import check_condition_dim, check_options, numel
 from .conditioning import accepts_condition, resolve_condition_dim
-from .contract import DensityModule, Loss, NumericalError
-from .hutchinson import HUTCHINSON_MODES, HutchinsonMode, hutchinson_vectors
+from .contract import DensityModule, Loss
+from .hutchinson import HUTCHINSON_MODES, HutchinsonMode
 from .serialization import named_constructor
+from .transforms.ode import (
+    Dynamics,
+    NFECounter,
+    ODETransform,
+    TraceMode,
+    augment,
+    augmented_basis,
+    check_solver,
+    check_trace,
+    normal_log_prob,
+)
 
-TraceMode = Literal["exact", "hutchinson"]
-TRACE_MODES: tuple[str, ...] = ("exact", "hutchinson")
-ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams")
 REGULARIZERS: tuple[str, ...] = ("kinetic", "jacobian")
-#: How torchdiffeq's adaptive solvers report a failed solve (``AssertionError`` messages).
-SOLVER_FAILURES: tuple[str, ...] = ("underflow in dt", "max_num_steps exceeded")
-LOG_TWO_PI = math.log(2 * math.pi)
 #: The options of the ODE, the trace and the regularisers, shared by every constructor of :class:`CNF`.
 SOLVER_OPTIONS: tuple[str, ...] = (
     "trace",
@@ -126,196 +105,6 @@ SOLVER_OPTIONS: tuple[str, ...] = (
     "chunk_size",
     "max_num_steps",
 )
-
-
-class NFECounter:
-    """Running counts of function evaluations, by direction (see the module docstring):
-    ``forward`` (density), ``backward`` (differentiated by training backward passes) and
-    ``sample``.
-
-    Example:
-        >>> from freeflows.continuous import NFECounter
-        >>> counter = NFECounter()
-        >>> counter.forward += 6
-        >>> counter.forward, counter.backward, counter.sample
-        (6, 0, 0)
-        >>> counter.reset()
-        >>> counter.forward
-        0
-    """
-
-    def __init__(self) -> None:
-        self.forward = 0
-        self.backward = 0
-        self.sample = 0
-
-    def reset(self) -> None:
-        """Zero all three counts."""
-        self.forward = self.backward = self.sample = 0
-
-    def count_backward(self, grad: Tensor) -> None:
-        """A tensor hook: count one evaluation each time a gradient flows into a velocity output.
-
-        Args:
-            grad: the gradient (unchanged).
-        """
-        self.backward += 1
-
-
-def _rms(x: Tensor) -> Tensor:
-    return x.square().mean().sqrt()
-
-
-def _density_norm(state: tuple[Tensor, ...]) -> Tensor:
-    """Error norm of the density solve: the state and the log-density only, not the regularisers."""
-    return torch.maximum(_rms(state[0]), _rms(state[1]))
-
-
-class Dynamics(nn.Module):
-    r"""The right-hand side of one solve, with its settings frozen (so that an adjoint backward
-    pass, which calls it again later, sees the same condition, probe and trace mode).
-
-    ``direction="density"``: state :math:`(x, \ell, \mathcal K, \mathcal J)`, derivative
-    :math:`(f, \operatorname{tr} J, \lVert f\rVert^2, \lVert J\rVert_F^2)`.
-    ``direction="transform"`` or ``"sample"``: state :math:`x`, derivative :math:`f` (the first
-    counts as the forward direction).
-    States are flat, ``[B, D']``; the velocity sees ``state_shape``.
-
-    Args:
-        velocity: the field, ``velocity(t, x)`` or ``velocity(t, x, c)``.
-        state_shape: the shape the velocity sees for one row.
-        takes_c: whether the velocity takes a condition.
-        counter: the :class:`NFECounter` to count evaluations in.
-        direction: ``"density"``, ``"transform"`` or ``"sample"``.
-        trace: ``"exact"`` or ``"hutchinson"`` (density direction only).
-        condition: conditions ``[B, C]``, or ``None``.
-        probe: the Hutchinson probe ``[B, D']``, held fixed during the solve.
-        projector: :math:`QQ^\top` of a latent on a subspace, for the exact trace, or ``None``.
-        chunk_size: rows per ``vmap`` call of the exact trace, or ``None``.
-
-    Example:
-        >>> import torch
-        >>> from freeflows.continuous import Dynamics, NFECounter
-        >>> velocity = lambda t, x: -x  # contracts volume: tr J = -D
-        >>> rhs = Dynamics(velocity, (3,), False, NFECounter(), "density")
-        >>> x = torch.randn(4, 3)
-        >>> f, trace, kinetic, frobenius = rhs(torch.tensor(0.0), (x, *torch.zeros(3, 4)))
-        >>> torch.equal(f, -x), trace.tolist(), frobenius.tolist()
-        (True, [-3.0, -3.0, -3.0, -3.0], [3.0, 3.0, 3.0, 3.0])
-    """
-
-    def __init__(
-        self,
-        velocity: nn.Module,
-        state_shape: tuple[int, ...],
-        takes_c: bool,
-        counter: NFECounter,
-        direction: Literal["density", "transform", "sample"],
-        trace: TraceMode = "exact",
-        condition: Tensor | None = None,
-        probe: Tensor | None = None,
-        projector: Tensor | None = None,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.velocity = velocity
-        self.chunk_size = chunk_size
-        self.state_shape = state_shape
-        self.takes_c = takes_c
-        self.counter = counter
-        self.direction = direction
-        self.trace = trace
-        self.condition = condition
-        self.probe = probe
-        self.projector = projector
-        self.active = False  # True while the CNF's own solve runs; adjoint calls come later
-
-    def field(self, t: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
-        """The velocity :math:`f(t, x, c)` on flat rows.
-
-        Args:
-            t: the time, a 0-dim tensor.
-            x: flat states ``[B, D']``.
-            c: conditions ``[B, C]``, or ``None``.
-
-        Returns:
-            ``[B, D']``.
-        """
-        inp = x.reshape(x.shape[0], *self.state_shape)
-        out = self.velocity(t, inp) if c is None else self.velocity(t, inp, c)
-        if out.shape != inp.shape:
-            raise ValueError(
-                f"the velocity net maps {tuple(inp.shape)} to {tuple(out.shape)}; it must keep the shape"
-            )
-        return out.reshape(x.shape)
-
-    def forward(self, t: Tensor, state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
-        r"""The time derivative of the state, as ``torchdiffeq`` calls it.
-
-        Args:
-            t: the time, a 0-dim tensor.
-            state: :math:`(x, \ell, \mathcal K, \mathcal J)` in the density direction, else
-                :math:`x`; ``x`` is ``[B, D']`` and the others ``[B]``.
-
-        Returns:
-            :math:`(f, \operatorname{tr} J, \lVert f\rVert^2, \lVert J\rVert_F^2)` in the density
-            direction (the trace and norm estimated with the probe in the Hutchinson mode), else
-            :math:`f`.
-        """
-        if self.active:
-            if self.direction == "sample":
-                self.counter.sample += 1
-            else:
-                self.counter.forward += 1
-        if self.direction != "density":
-            f = self.field(t, state, self.condition)
-            return self._hooked(f)
-        x = state[0]
-        if self.trace == "exact":
-            f, trace, frobenius = self._exact(t, x)
-        else:
-            f, trace, frobenius = self._hutchinson(t, x)
-        return self._hooked(f), trace, f.square().sum(dim=-1), frobenius
-
-    def _hooked(self, f: Tensor) -> Tensor:
-        if f.requires_grad:
-            f.register_hook(self.counter.count_backward)
-        return f
-
-    def _exact(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c = self.condition
-
-        def one(xi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
-            out = self.field(t, xi.unsqueeze(0), None if ci is None else ci.unsqueeze(0)).squeeze(0)
-            return out, out
-
-        in_dims = (0, None if c is None else 0)
-        jac, f = vmap(jacrev(one, has_aux=True), in_dims=in_dims, chunk_size=self.chunk_size)(x, c)
-        if self.projector is None:
-            trace = jac.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-            frobenius = jac.square().sum(dim=(-2, -1))
-        else:
-            p = self.projector
-            trace = (jac * p).sum(dim=(-2, -1))  # tr(J P) = tr(Qᵀ J Q), P = QQᵀ symmetric
-            frobenius = (jac * (p @ jac)).sum(dim=(-2, -1))  # tr(Jᵀ P J) = ‖Qᵀ J‖²_F
-        return f, trace, frobenius
-
-    def _hutchinson(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        keep_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            f = self.field(t, x, self.condition)
-            e = None
-            if f.requires_grad:
-                (e,) = torch.autograd.grad(f, x, self.probe, create_graph=keep_graph, allow_unused=True)
-            if e is None:  # the field does not depend on x
-                e = torch.zeros_like(x)
-        trace = (e * self.probe).sum(dim=-1)  # vᵀ J v
-        frobenius = e.square().sum(dim=-1)  # ‖vᵀ J‖², E = ‖Qᵀ J‖²_F
-        if not keep_graph:
-            f, trace, frobenius = f.detach(), trace.detach(), frobenius.detach()
-        return f, trace, frobenius
 
 
 class CNF(DensityModule):
@@ -558,32 +347,21 @@ class CNF(DensityModule):
         chunk_size: int | None = None,
         max_num_steps: int | None = 10_000,
     ) -> None:
-        _check_trace(trace)
+        check_trace(trace)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if max_num_steps is not None and (not isinstance(max_num_steps, int) or max_num_steps < 1):
-            raise ValueError(f"max_num_steps must be a positive integer or None, got {max_num_steps!r}")
+        check_solver(
+            solver,
+            rtol=rtol,
+            atol=atol,
+            step_size=step_size,
+            max_num_steps=max_num_steps,
+            t1=t1,
+            extra_tolerances={"train_rtol": train_rtol, "train_atol": train_atol},
+        )
         if hutchinson not in HUTCHINSON_MODES:
             choices = ", ".join(HUTCHINSON_MODES)
             raise ValueError(f"unknown Hutchinson mode {hutchinson!r}; choose one of {choices}")
-        if solver in FIXED_SOLVERS:
-            if step_size is None or not step_size > 0:
-                raise ValueError(f"solver {solver!r} takes fixed steps: pass step_size > 0, got {step_size}")
-        elif solver in ADAPTIVE_SOLVERS:
-            for name, tol in (
-                ("rtol", rtol),
-                ("atol", atol),
-                ("train_rtol", train_rtol),
-                ("train_atol", train_atol),
-            ):
-                if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-                    raise ValueError(f"{name} must be a number > 0, got {tol!r}")
-            if rtol is None or atol is None:
-                raise ValueError(f"rtol and atol must be > 0, got {rtol!r} and {atol!r}")
-        else:
-            raise ValueError(
-                f"unknown solver {solver!r}; choose one of {', '.join(ADAPTIVE_SOLVERS + FIXED_SOLVERS)}"
-            )
         regularization = dict(regularization or {})
         unknown = sorted(set(regularization) - set(REGULARIZERS))
         if unknown:
@@ -594,8 +372,6 @@ class CNF(DensityModule):
         if not isinstance(augment_dims, int) or augment_dims < 0:
             raise ValueError(f"augment_dims must be an integer >= 0, got {augment_dims!r}")
         check_condition_dim(condition_dim)
-        if not isinstance(t1, (int, float)) or not t1 > 0:
-            raise ValueError(f"t1 must be a number > 0, got {t1!r}")
         takes_c = accepts_condition(velocity)
         if condition_dim is not None and not takes_c:
             raise ValueError("condition_dim is set, but the velocity net's forward has no parameter named c")
@@ -684,94 +460,46 @@ class CNF(DensityModule):
         """
         return numel(self.event_shape)
 
-    def _subspace(self) -> tuple[Tensor | None, int]:
-        r"""Probe basis :math:`\mathrm{blockdiag}(Q, I_k)` (or ``None``) and its number of columns."""
-        q = getattr(self.latent, "basis", None)
-        d, k = self.dim, self.augment_dims
-        if q is None:
-            return None, d + k
-        m = q.shape[1]
-        full = q.new_zeros(d + k, m + k)
-        full[:d, :m] = q
-        if k:
-            full[d:, m:] = torch.eye(k, dtype=q.dtype, device=q.device)
-        return full, m + k
-
     def _latent_log_prob(self, z: Tensor) -> Tensor:
         d = self.dim
         out = self.latent.log_prob(z[:, :d].reshape(z.shape[0], *self.event_shape))
         if self.augment_dims:
-            out = out + _normal_log_prob(z[:, d:])
+            out = out + normal_log_prob(z[:, d:])
         return out
 
     # -- solves --------------------------------------------------------------------------------
-    def _solve(
-        self,
-        dynamics: Dynamics,
-        y0: Tensor | tuple[Tensor, ...],
-        t0: float,
-        t1: float,
-        tolerances: tuple[float, float] | None = None,
-    ) -> Tensor | tuple[Tensor, ...]:
-        from torchdiffeq import odeint, odeint_adjoint
+    def ode(self) -> ODETransform:
+        """The ODE transform of the current settings, sharing this model's velocity and NFE counter
+        (built on each call, so that changed settings, e.g. ``rtol``, take effect).
 
-        first = y0 if isinstance(y0, Tensor) else y0[0]
-        t = torch.tensor([t0, t1], dtype=first.dtype, device=first.device)
-        options: dict = {}
-        if self.solver in FIXED_SOLVERS:
-            options["step_size"] = self.step_size
-        else:
-            if not isinstance(y0, Tensor):
-                options["norm"] = _density_norm
-            if self.max_num_steps is not None:
-                options["max_num_steps"] = self.max_num_steps
-            # Land the last step on the end time instead of stepping past it and interpolating:
-            # a trial step far beyond t1 evaluates the field at times it was never trained on,
-            # where it can overflow; torchdiffeq then gets a NaN error ratio and gives up.
-            options["step_t"] = t[-1:]
-        rtol, atol = (self.rtol, self.atol) if tolerances is None else tolerances
-        kwargs = {"rtol": rtol, "atol": atol, "method": self.solver, "options": options}
-        dynamics.active = True
-        try:
-            if self.adjoint:
-                params = [p for p in self.velocity.parameters() if p.requires_grad]
-                c = dynamics.condition
-                if c is not None and c.requires_grad:
-                    params.append(c)
-                out = odeint_adjoint(dynamics, y0, t, adjoint_params=tuple(params), **kwargs)
-            else:
-                out = odeint(dynamics, y0, t, **kwargs)
-        except AssertionError as err:  # torchdiffeq's adaptive step control gives up by assertion
-            if not str(err).startswith(SOLVER_FAILURES):
-                raise
-            raise NumericalError(
-                f"the ODE solve from t={t0:g} to t={t1:g} failed ({err}; {self.solver}, rtol={rtol:g}, "
-                f"atol={atol:g}): the velocity field is stiff or non-finite there"
-            ) from None
-        finally:
-            dynamics.active = False
-        return out[-1] if isinstance(out, Tensor) else tuple(s[-1] for s in out)
+        Returns:
+            :class:`~freeflows.transforms.ode.ODETransform` on flat states of ``D + augment_dims``
+            numbers (the event shape without augmentation).
 
-    def _dynamics(self, direction: Literal["density", "transform", "sample"], **settings: Any) -> Dynamics:
-        return Dynamics(self.velocity, self._state_shape, self._takes_c, self.counter, direction, **settings)
-
-    def _density_dynamics(
-        self, h: Tensor, c: Tensor | None, trace: TraceMode, generator: torch.Generator | None
-    ) -> Dynamics:
-        """The density ODE's right-hand side for flat states ``h``: the exact trace (projected on
-        the latent's subspace) or one Hutchinson probe per row."""
-        basis, m = self._subspace()
-        basis = None if basis is None else basis.to(h)
-        settings: dict = {"trace": trace, "condition": c, "chunk_size": self.chunk_size}
-        if trace == "exact":
-            settings["projector"] = None if basis is None else basis @ basis.T
-        else:
-            probe = hutchinson_vectors(
-                1, h.shape[0], m, self.hutchinson, basis=basis, device=h.device, dtype=h.dtype,
-                generator=generator,
-            )
-            settings["probe"] = probe[0]
-        return self._dynamics("density", **settings)
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF(2, hidden=8)
+            >>> z, log_det = cnf.ode()(torch.randn(3, 2))  # the identity at first
+            >>> log_det.tolist()
+            [0.0, 0.0, 0.0]
+        """
+        basis, _ = augmented_basis(getattr(self.latent, "basis", None), self.dim, self.augment_dims)
+        return ODETransform(
+            self.velocity,
+            self._state_shape,
+            trace=self.trace,
+            hutchinson=self.hutchinson,
+            basis=basis,
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            step_size=self.step_size,
+            adjoint=self.adjoint,
+            t1=self.t1,
+            chunk_size=self.chunk_size,
+            max_num_steps=self.max_num_steps,
+            counter=self.counter,
+        )
 
     def integrate(
         self,
@@ -805,17 +533,12 @@ class CNF(DensityModule):
             (['a', 'jacobian', 'kinetic', 'log_prob', 'nfe', 'trace_integral', 'z'], torch.Size([3, 2]))
         """
         trace = self.trace if trace is None else trace
-        _check_trace(trace)
-        batch = x.shape[0]
-        h = x.reshape(batch, -1)
-        a = h.new_zeros(batch, 0)
-        if self.augment_dims:
-            a = torch.randn(batch, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
-            h = torch.cat([h, a], dim=1)
-        dynamics = self._density_dynamics(h, c, trace, generator)
-        zeros = h.new_zeros(batch)
+        check_trace(trace)
+        h, a = augment(x.reshape(x.shape[0], -1), self.augment_dims, generator)
         before = self.counter.forward
-        z, ell, kinetic, jacobian = self._solve(dynamics, (h, zeros, zeros, zeros), 0.0, self.t1, tolerances)
+        z, ell, kinetic, jacobian = self.ode().solve_density(
+            h, c, trace=trace, generator=generator, tolerances=tolerances
+        )
         log_prob = self._latent_log_prob(z) + ell
         return {
             "z": z,
@@ -882,7 +605,7 @@ class CNF(DensityModule):
         out = self.integrate(x, c, trace=trace, generator=generator)
         log_prob = out["log_prob"]
         if self.augment_dims:
-            log_prob = log_prob - _normal_log_prob(out["a"])
+            log_prob = log_prob - normal_log_prob(out["a"])
         if k > 1:
             log_prob = torch.logsumexp(log_prob.reshape(k, -1), dim=0) - math.log(k)
         return log_prob
@@ -921,7 +644,7 @@ class CNF(DensityModule):
         out = self.integrate(x, c, tolerances=(self.train_rtol, self.train_atol))
         nll = -out["log_prob"]
         if self.augment_dims:
-            nll = nll + _normal_log_prob(out["a"])
+            nll = nll + normal_log_prob(out["a"])
         value = (
             nll
             + self.regularization["kinetic"] * out["kinetic"]
@@ -939,10 +662,7 @@ class CNF(DensityModule):
     def _latent_draws(self, n: int, generator: torch.Generator | None) -> Tensor:
         """``n`` flat latent draws ``[n, D + k]`` (with the augmented coordinates)."""
         h = self.latent.sample(n, generator=generator).reshape(n, -1)
-        if self.augment_dims:
-            a = torch.randn(n, self.augment_dims, generator=generator, dtype=h.dtype, device=h.device)
-            h = torch.cat([h, a], dim=1)
-        return h
+        return augment(h, self.augment_dims, generator)[0]
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Like :meth:`sample`, with gradients to the parameters through the ODE solve.
@@ -965,7 +685,7 @@ class CNF(DensityModule):
 
     def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
         h = self._latent_draws(n, generator)
-        x = self._solve(self._dynamics("sample", condition=c), h, self.t1, 0.0)
+        x = self.ode().inverse(h, c)
         return x[:, : self.dim].reshape(n, *self.event_shape)
 
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -1026,9 +746,7 @@ class CNF(DensityModule):
                 "draws is not available in closed form (log_prob gives a lower-bound estimate)"
             )
         h = self._latent_draws(n, generator)
-        dynamics = self._density_dynamics(h, c, self.trace, generator)
-        zeros = h.new_zeros(n)
-        x, ell, _, _ = self._solve(dynamics, (h, zeros, zeros, zeros), self.t1, 0.0)
+        x, ell, _, _ = self.ode().solve_density(h, c, reverse=True, generator=generator)
         return x.reshape(n, *self.event_shape), self._latent_log_prob(h) - ell
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
@@ -1050,8 +768,8 @@ class CNF(DensityModule):
         x, c, batch = self._check(x, c)
         if self.augment_dims:
             raise ValueError("transform is not defined with augmented dimensions (it needs a draw of a)")
-        dynamics = self._dynamics("transform", condition=c)
-        z = self._solve(dynamics, x.reshape(x.shape[0], -1), 0.0, self.t1)
+        ode = self.ode()
+        z = ode.solve(ode.dynamics("transform", condition=c), x.reshape(x.shape[0], -1), 0.0, self.t1)
         return z.reshape((*batch, *self.event_shape))
 
     @property
@@ -1074,15 +792,6 @@ class CNF(DensityModule):
             f"event_shape={self.event_shape}, trace={self.trace!r}, solver={self.solver!r}, "
             f"adjoint={self.adjoint}, augment_dims={self.augment_dims}, t1={self.t1}"
         )
-
-
-def _check_trace(trace: str) -> None:
-    if trace not in TRACE_MODES:
-        raise ValueError(f"unknown trace {trace!r}; choose one of {', '.join(TRACE_MODES)}")
-
-
-def _normal_log_prob(a: Tensor) -> Tensor:
-    return -0.5 * a.square().sum(dim=-1) - 0.5 * a.shape[-1] * LOG_TWO_PI
 
 
 __all__ = ["CNF", "Dynamics", "NFECounter"]

@@ -226,5 +226,19 @@ def value_and_jacobian(
             return torch.cat(values), torch.cat(jacs)
         except tangents.Unsupported:
             pass
-    value = fn(x) if c is None else fn(x, c)
-    return value, batch_jacobian(fn, x, c, mode=mode, chunk_size=chunk_size, module=module, takes_c=takes_c)
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"unknown Jacobian mode {mode!r}; choose 'auto', 'forward' or 'reverse'")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    shape = tuple(x.shape[1:])
+    one = _single(fn, c is not None)
+
+    def value_twice(xi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = one(xi, shape, ci)
+        return out, out
+
+    jac = jacfwd if mode == "forward" else jacrev  # the value comes out of the same pass
+    in_dims = (0, 0 if c is not None else None)
+    per_row = vmap(jac(value_twice, has_aux=True), in_dims=in_dims, chunk_size=chunk_size)
+    jacobians, value = per_row(x.reshape(x.shape[0], -1), c)
+    return (value.reshape(x.shape) if value.shape[1] == jacobians.shape[2] else value), jacobians

@@ -18,6 +18,7 @@ from .autoregressive import MADE, InverseAutoregressive, MaskedAutoregressive, M
 from .base import ComposedTransform, Permutation, Reverse, Transform
 from .coupling import AdditiveCoupling, AffineCoupling, DiagonalScaling, half_mask
 from .glow import ActNorm, ImageAffineCoupling, InvertibleConv1x1, InvertibleLinear, MultiScale, Squeeze
+from .ode import ODETransform
 from .planar import Planar, solve_planar
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "MaskedAutoregressive",
     "MaskedLinear",
     "MultiScale",
+    "ODETransform",
     "Permutation",
     "Planar",
     "Reverse",
