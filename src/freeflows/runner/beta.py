@@ -1,0 +1,130 @@
+r"""Adapting a free-form flow's reconstruction weight β during training.
+
+β trades the likelihood against how well the decoder inverts the encoder, and the surrogate
+gradient's error grows with the inverse defect :math:`\lVert J_g J_f - I\rVert_F`
+(``docs/estimator-error.md``). Instead of fixing β, :class:`AdaptiveBeta` holds a validation
+metric :math:`m` (by default ``val/inverse_defect``, the batch mean of
+:math:`\lVert J_g J_f - I\rVert_F^2`) at a target :math:`\tau`, by a multiplicative dual-ascent
+step on :math:`\log\beta` after every validation:
+
+.. math:: \log\beta \leftarrow \operatorname{clip}\bigl(\log\beta + \eta\,(\log m - \log\tau),\
+   \log\beta_{\min},\ \log\beta_{\max}\bigr) .
+
+This is the Lagrange-multiplier update of the constrained problem "minimise the NLL subject to
+:math:`m \le \tau`", with β the multiplier, taken in log space so that it stays positive and the
+step does not depend on the metric's scale: β grows while the metric is above the target and
+shrinks while it is below. With ``metric="val/reconstruction"`` the constraint is exactly the
+one that β multiplies in the loss.
+
+The model only needs a float attribute ``beta`` that its loss reads. β is logged as ``beta`` at
+every training step and saved with the callback's state in the checkpoint, so a resumed run
+continues from the β it had.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class AdaptiveBeta(Callback):
+    r"""Keep a validation metric at ``target`` by adapting the model's ``beta`` (see the module
+    docstring).
+
+    Args:
+        target: :math:`\tau > 0`, the value of ``metric`` to hold.
+        metric: a logged validation metric, ``"val/inverse_defect"`` or ``"val/reconstruction"``.
+        rate: :math:`\eta > 0`, the step on :math:`\log\beta` per unit of
+            :math:`\log(m/\tau)`.
+        beta_min: lower limit of β, ``> 0``.
+        beta_max: upper limit of β.
+
+    Example:
+        >>> from freeflows.runner.beta import AdaptiveBeta
+        >>> cb = AdaptiveBeta(target=1e-3, rate=0.5)
+        >>> round(cb.step(beta=10.0, value=4e-3), 3)  # above the target: beta * 4 ** 0.5
+        20.0
+    """
+
+    def __init__(
+        self,
+        target: float,
+        metric: str = "val/inverse_defect",
+        rate: float = 0.5,
+        beta_min: float = 0.1,
+        beta_max: float = 1e4,
+    ) -> None:
+        limits = {"target": target, "rate": rate, "beta_min": beta_min, "beta_max": beta_max}
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"adaptive beta: {name} must be a finite number > 0, got {value!r}")
+        if beta_min > beta_max:
+            raise ValueError(f"adaptive beta: beta_min {beta_min:g} exceeds beta_max {beta_max:g}")
+        self.target = float(target)
+        self.metric = metric
+        self.rate = float(rate)
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+        #: ``(step, beta)`` after every update, in order.
+        self.history: list[tuple[int, float]] = []
+        self._restored: float | None = None
+
+    def step(self, beta: float, value: float) -> float:
+        """The next β after a validation where ``metric`` had ``value``.
+
+        Args:
+            beta: the current β.
+            value: the metric's value; a non-finite or non-positive value leaves β unchanged.
+
+        Returns:
+            The new β, within ``[beta_min, beta_max]``.
+        """
+        if not (math.isfinite(value) and value > 0):
+            return beta
+        log_beta = math.log(beta) + self.rate * (math.log(value) - math.log(self.target))
+        return min(self.beta_max, max(self.beta_min, math.exp(log_beta)))
+
+    @staticmethod
+    def _model(pl_module: L.LightningModule) -> Any:
+        model = getattr(pl_module, "model", pl_module)
+        beta = getattr(model, "beta", None)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(
+                f"adaptive beta needs a model with a float attribute beta > 0; {type(model).__name__} "
+                f"has beta={beta!r}"
+            )
+        return model
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = self._model(pl_module)
+        if self._restored is not None:  # resumed: continue from the checkpoint's beta
+            model.beta = self._restored
+        model.beta = min(self.beta_max, max(self.beta_min, float(model.beta)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("beta", float(self._model(pl_module).beta), on_step=True, on_epoch=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self.metric not in trainer.callback_metrics:
+            logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/")))
+            raise ValueError(
+                f"adaptive beta follows {self.metric!r}, which this model does not log (it logs: {logged})"
+            )
+        model = self._model(pl_module)
+        value = float(trainer.callback_metrics[self.metric])
+        model.beta = self.step(float(model.beta), value)
+        self.history.append((int(trainer.global_step), model.beta))
+
+    def state_dict(self) -> dict[str, Any]:
+        beta = self.history[-1][1] if self.history else self._restored
+        return {"beta": beta, "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), float(b)) for s, b in state_dict.get("history", [])]
+        beta = state_dict.get("beta")
+        self._restored = None if beta is None else float(beta)
