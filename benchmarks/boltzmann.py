@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=Path("runs") / NAME)
     p.add_argument("--report", action="store_true", help="only merge the per-model JSON into the report")
     p.add_argument(
+        "--evaluate-only",
+        nargs="+",
+        default=[],
+        choices=list(SYSTEM_OF),
+        help="evaluate these presets' trained runs in --runs again (best weights), without training",
+    )
+    p.add_argument(
         "--replot",
         nargs="+",
         choices=list(PRESETS),
@@ -212,6 +219,57 @@ def train_one(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def evaluate_trained(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate the best weights of a run that :func:`train_one` trained (for example one whose
+    evaluation was interrupted) with the sizes of ``args``; the training fields that only the
+    training process measured (CPU seconds) are ``None``, the steps come from the run's log."""
+    import csv
+
+    import freeflows.eval.metrics as fm
+    from freeflows.runner.train import load_run
+
+    torch.set_num_threads(args.threads)
+    run = args.runs / preset
+    cfg, data, model = load_run(run)
+    with (run / "metrics.csv").open() as fh:
+        steps = max(int(row[0]) for row in csv.reader(fh) if row and row[0].isdigit())
+    t, c = time.perf_counter(), time.process_time()
+    metrics = fm.evaluate_model(
+        model,
+        data,
+        test_rows=args.test_rows,
+        particle_samples=args.ess_samples,
+        mass_samples=args.mass_samples,
+    )
+    cpu, wall = time.process_time() - c, time.perf_counter() - t
+    return {
+        "preset": preset,
+        "system": SYSTEM_OF[preset],
+        "seed": cfg["seed"],
+        "threads": args.threads,
+        "cpu_minutes_budget": args.cpu_minutes,
+        "test_rows": args.test_rows,
+        "ess_samples_requested": args.ess_samples,
+        "mass_samples": args.mass_samples,
+        "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core CPU",
+        "kind": cfg["model"]["kind"],
+        "model": cfg["model"][cfg["model"]["kind"]],
+        "batch_size": cfg["trainer"]["batch_size"],
+        "planned_steps": cfg["trainer"]["max_steps"],
+        "calibrated_step_cpu_seconds": None,
+        "train_cpu_seconds": None,
+        "val_cpu_seconds": None,
+        "eval_cpu_seconds": cpu,
+        "cpu_seconds_train_and_eval": None,
+        "wall_seconds_train_and_eval": None,
+        "evaluated_separately": True,
+        "eval_wall_seconds": wall,
+        "run_dir": str(run),
+        "steps": steps,
+        **metrics,
+    }
+
+
 def sampling_ratio(presets: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
     """Median time of ``sample(batch)`` of each trained model, interleaved repeats."""
     from freeflows.runner.train import load_run
@@ -313,7 +371,8 @@ def report(args: argparse.Namespace) -> None:
     ]
     training += [
         f"| {name[r['preset']]} | {r['n_params']:,} | {r['steps']} ({r['planned_steps']}) | "
-        f"{r['train_cpu_seconds']:.0f} | {r['val_cpu_seconds']:.0f} | {r['eval_cpu_seconds']:.0f} |"
+        f"{_fmt(r['train_cpu_seconds'], '.0f')} | {_fmt(r['val_cpu_seconds'], '.0f')} | "
+        f"{r['eval_cpu_seconds']:.0f} |"
         for r in rows
     ]
     nll = [
@@ -381,6 +440,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     for preset in args.presets:
         run_preset(preset, args)
+    for preset in args.evaluate_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        row = evaluate_trained(preset, args)
+        (args.out / f"{NAME}_{preset}.json").write_text(json.dumps(row, indent=2))
+        print(f"[{preset}] evaluated: test NLL {row['test_nll']:.3f}", flush=True)
     report(args)
 
 
