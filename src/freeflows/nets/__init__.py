@@ -1,7 +1,7 @@
 """Networks usable as free-form encoders and decoders, or as velocity fields.
 
-:class:`ResNet` and :class:`EGNN` map an event to an event of the same shape and start as the
-identity, as a free-form flow's encoder and decoder should; :class:`TimeMLP` and
+:class:`ResNet`, :class:`ConvResNet` (images) and :class:`EGNN` map an event to an event of the
+same shape and start as the identity, as a free-form flow's encoder and decoder should; :class:`TimeMLP` and
 :class:`EGNNVelocity` are velocity fields ``f(t, x)`` for :class:`~freeflows.CNF`, zero at
 initialisation.
 
@@ -13,8 +13,9 @@ Example:
     torch.Size([4, 3])
 """
 
+from .conv import ConvResidualBlock, ConvResNet
 from .egnn import EGNN, EGNNVelocity
 from .resnet import ResidualBlock, ResNet
 from .velocity import TimeMLP
 
-__all__ = ["EGNN", "EGNNVelocity", "ResNet", "ResidualBlock", "TimeMLP"]
+__all__ = ["ConvResNet", "ConvResidualBlock", "EGNN", "EGNNVelocity", "ResNet", "ResidualBlock", "TimeMLP"]
