@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from freeflows.experiments.models import build_fff
 from freeflows.flows import IAF, MAF, RealNVP
+from freeflows.freeform import FreeFormFlow
 
 ROOT = Path(__file__).resolve().parent
 NAME = "autoregressive_timing"
@@ -47,7 +47,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "maf": lambda d: MAF(d),
     "iaf": lambda d: IAF(d),
     "realnvp": lambda d: RealNVP(d),
-    "fff": lambda d: build_fff((d,)),
+    "fff": lambda d: FreeFormFlow.resnet(d),
 }
 
 

@@ -141,7 +141,7 @@ def build_contenders(
     """The data set (the preset's, with ``seed``), the contenders, the preset's config, and
     notes on models skipped. Each model's initial weights come from ``torch.manual_seed(seed)``."""
     from freeflows.experiments.config import load_config
-    from freeflows.experiments.models import build_model
+    from freeflows.experiments.registry import build_model
     from freeflows.runner.train import build
 
     cfg = load_config(dataset, [f"seed={seed}"])

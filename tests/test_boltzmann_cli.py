@@ -13,7 +13,7 @@ from freeflows.cli import main
 from freeflows.data.base import DataSet, Split
 from freeflows.eval.metrics import particle_metrics
 from freeflows.experiments.config import ConfigError, load_config
-from freeflows.experiments.models import build_model, model_defaults
+from freeflows.experiments.registry import build_model, model_defaults
 
 FAST = ["--set", "trainer.progress_bar=false", "--set", "trainer.threads=1", "--set", "trainer.max_steps=5"]
 FAST += ["--set", "trainer.batch_size=64", "--set", "data.n_train=512"]

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from freeflows import Loss, MeanFreeNormal, StandardNormal
 from freeflows.continuous import CNF
 from freeflows.distributions import mean_free_basis
-from freeflows.experiments.cnf_builders import CNF_BUILDERS
+from freeflows.experiments.registry import MODEL_KINDS
 from freeflows.nets.velocity import TimeMLP
+
+CNF_BUILDERS = {"cnf": MODEL_KINDS["cnf"].build}
 
 F64 = torch.float64
 

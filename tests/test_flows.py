@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from freeflows.contract import DensityModel, Loss
-from freeflows.experiments.classic_builders import CLASSIC_BUILDERS
+from freeflows.experiments.registry import MODEL_KINDS
 from freeflows.flows import IAF, MAF, NICE, Flow, Glow, PlanarFlow, RealNVP
+
+CLASSIC = ("planar", "nice", "realnvp", "glow", "maf", "iaf")
+CLASSIC_BUILDERS = {kind: MODEL_KINDS[kind].build for kind in CLASSIC}
 
 C = 3
 SMALL = {

@@ -21,7 +21,7 @@ from freeflows.data.user import (
 )
 from freeflows.experiments.config import load_config, save_config
 from freeflows.experiments.datasets import resolve_file_data
-from freeflows.experiments.models import build_model
+from freeflows.experiments.registry import build_model
 
 QUIET = ["--set", "trainer.progress_bar=false", "--set", "trainer.plot=false"]
 MEAN, STD = np.array([10.0, -4.0]), np.array([20.0, 0.5])

@@ -2,7 +2,7 @@
 20 refinement steps (:mod:`freeflows.inversion`; random weights, so that all 20 steps run).
 
 Each model is built with its default options by the same builder the CLI uses
-(:func:`freeflows.experiments.models.build_model`) and timed drawing ``N`` samples per call under
+(:func:`freeflows.experiments.registry.build_model`) and timed drawing ``N`` samples per call under
 ``torch.no_grad()``, single thread, medians over interleaved repeats (CPU time). Rows from
 ``sampling_speed.json`` (the CNF benchmark) and ``autoregressive_timing.json`` (classic flows),
 if present in the results directory, are appended with their source.
@@ -34,7 +34,7 @@ OTHER_FILES = ("sampling_speed.json", "autoregressive_timing.json")
 
 
 def sampler(kind: str, dim: int, n: int) -> Callable[[], Any]:
-    from ..experiments.models import build_model
+    from ..experiments.registry import build_model
 
     base, options = VARIANTS.get(kind, (kind, {}))
     torch.manual_seed(0)

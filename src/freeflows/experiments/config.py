@@ -27,7 +27,7 @@ _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def default_config() -> dict[str, Any]:
     """Every config key with its default value (model options for every model kind)."""
-    from .models import model_defaults
+    from .registry import model_defaults
 
     return {
         "description": "",
@@ -77,7 +77,10 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``base`` with the values of ``update``, a nested dict of the same keys, type-checked;
+    an unknown key or a value of the wrong type raises :class:`ConfigError`. ``options`` mappings
+    are free-form and merged key by key."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{where}{key}"
@@ -86,7 +89,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dic
         if isinstance(base[key], dict) and key != "options":
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
-            out[key] = _merge(base[key], value, f"{path}.")
+            out[key] = merge(base[key], value, f"{path}.")
         elif key == "options" and isinstance(base[key], dict) and isinstance(value, dict):
             out[key] = {**out[key], **value}  # free-form: --set data.options.a=1 keeps the others
         else:
@@ -152,7 +155,7 @@ def load_config(
         raise ConfigError(
             f"{preset_or_path!r} must hold a mapping of config sections, not a {type(data).__name__}"
         )
-    cfg = _merge(default_config(), data)
+    cfg = merge(default_config(), data)
     if data_section is not None:
         cfg["data"] = {**cfg["data"], "options": {}, **data_section}
     return apply_overrides(cfg, overrides or [])
@@ -177,14 +180,14 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[part] = {}
             node = node[part]
         node[parts[-1]] = value
-        cfg = _merge(cfg, update)
+        cfg = merge(cfg, update)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: dict[str, Any]) -> None:
     """Check values whose valid set is known (model kind, schedule, positive sizes)."""
-    from .models import MODEL_KINDS
+    from .registry import MODEL_KINDS
 
     kind = cfg["model"]["kind"]
     if kind not in MODEL_KINDS:

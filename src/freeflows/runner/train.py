@@ -21,7 +21,7 @@ from torch import nn
 from ..data.base import DataSet
 from ..experiments.config import ConfigError, save_config
 from ..experiments.datasets import build_data
-from ..experiments.models import build_model
+from ..experiments.registry import build_model
 from .callbacks import CheckpointError, DivergenceError, read_checkpoint
 
 RUN_DIR_ENV = "FREEFLOWS_RUN_DIR"
@@ -227,7 +227,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """A run's saved ``config.yaml``, completed with today's defaults (not validated)."""
-    from ..experiments.config import _merge, default_config
+    from ..experiments.config import default_config, merge
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -243,7 +243,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path} is not valid YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path} does not hold a mapping of config sections (empty or damaged)")
-    return _merge(default_config(), raw)
+    return merge(default_config(), raw)
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], DataSet, nn.Module]:
