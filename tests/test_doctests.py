@@ -38,6 +38,7 @@ CORE_MODULES = [
     "freeflows.transforms.ode",
     "freeflows.transforms.planar",
     "freeflows.nets",
+    "freeflows.nets.conv",
     "freeflows.nets.egnn",
     "freeflows.nets.resnet",
     "freeflows.nets.velocity",
