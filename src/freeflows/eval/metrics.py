@@ -19,6 +19,9 @@ never the model's class. :func:`evaluate_model` returns the dictionary that a ru
   :math:`= \mathrm{NLL} + \log M`, whose error combines both.
 * ``kl_to_truth`` (when the data's density is known), and ``kl_to_truth_paper`` /
   ``kl_to_truth_paper_normalised`` for the paper variant.
+* For images (``data.kind == "image"`` with ``data.meta["levels"]``): ``test_bits_per_dim`` from
+  ``test_nll`` (:mod:`freeflows.eval.bits`), and ``test_bits_per_dim_paper`` (**not
+  normalised**) for the free-form flow.
 * For particle systems (``data.kind == "particles"``, with ``data.meta["energy"]``) the model
   is also judged as a Boltzmann generator (:func:`particle_metrics`): the effective sample size
   of importance weights :math:`\exp(-E(x) - \log q(x))` of the model's own draws, with
@@ -353,6 +356,10 @@ def evaluate_model(
                 metrics["kl_to_truth_paper_normalised_stderr"] = math.hypot(
                     metrics["kl_to_truth_paper_stderr"], mass_paper.log_mass_stderr
                 )
+    if data.kind == "image" and "levels" in data.meta:  # from test_nll: the normalised density
+        from .bits import bits_metrics
+
+        metrics.update(bits_metrics(metrics, data.meta, nll_dimensions(model, data)))
     c0 = None if test.c is None else test.c[0]
     metrics["sample_seconds_per_sample"] = sampling_seconds_per_sample(model, 2000, c0)
     if data.kind == "particles" and "energy" in data.meta and particle_samples > 0:
