@@ -297,17 +297,19 @@ def plots(result: dict[str, Any], img: Path) -> list[Path]:
     out.append(path)
 
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
-    for data, marker in zip(datasets, "os", strict=False):
+    for i, data in enumerate(datasets):
+        marker, col = "os^v"[i % 4], f"C{i}"
         last = [r for r in rows if r["data"] == data and r["step"] == cfg["steps"]]
         bs = [r["beta"] for r in last]
-        axes[0].plot(bs, [r["defect_rms_exact"] for r in last], marker + "-", label=f"{data}: exact")
-        axes[0].errorbar(
-            bs,
-            [math.sqrt(max(r["defect_sq_estimate"], 0)) for r in last],
-            fmt=marker, mfc="none", ms=9, color="k", label=f"{data}: estimator (1 probe)",
+        exact = [r["defect_rms_exact"] for r in last]
+        axes[0].plot(bs, exact, marker + "-", color=col, label=f"{data}: exact")
+        axes[0].plot(
+            bs, [math.sqrt(max(r["defect_sq_estimate"], 0)) for r in last], marker, mfc="none", ms=10,
+            color="k", label=f"{data}: estimator (1 probe)",
         )
-        axes[1].plot(bs, [r["rel_error_expected"] for r in last], marker + "-", label=f"{data}: measured")
-        axes[1].plot(bs, [r["rel_bound"] for r in last], marker + ":", label=f"{data}: bound")
+        error, bound = [r["rel_error_expected"] for r in last], [r["rel_bound"] for r in last]
+        axes[1].plot(bs, error, marker + "-", color=col, label=f"{data}: measured")
+        axes[1].plot(bs, bound, marker + ":", color=col, mfc="none", label=f"{data}: bound")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -338,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: 40 steps, snapshots every 20")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--img", type=Path, default=DOCS_IMG)
+    p.add_argument("--replot", type=Path, metavar="JSON", help="redraw the plots of a result file and stop")
     args = p.parse_args(argv)
+    if args.replot:
+        for path in plots(json.loads(args.replot.read_text()), args.img):
+            print(f"wrote {path}")
+        return 0
     if args.quick:
         args.steps, args.every, args.n_eval = 40, 20, 64
     if args.steps < 1 or args.every < 1 or args.steps % args.every:
