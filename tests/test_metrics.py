@@ -16,9 +16,10 @@ from torch import Tensor, nn
 import freeflows as ff
 from freeflows.contract import NumericalError
 from freeflows.data.base import DataSet, Split
-from freeflows.data.standardize import StandardizedModel, Standardizer
 from freeflows.data.toy import load_toy
 from freeflows.eval.metrics import evaluate_model, particle_metrics, takes_variant
+from freeflows.standardized import StandardizedModel
+from freeflows.transforms.standardize import Standardizer
 
 K = 4.0
 FLOOR = 1e-6  # float32 rounding of the evaluated densities

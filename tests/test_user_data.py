@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from freeflows.cli import main
-from freeflows.data.standardize import StandardizedModel, Standardizer
 from freeflows.data.user import (
     DataFileError,
     file_sha256,
@@ -22,6 +21,8 @@ from freeflows.data.user import (
 from freeflows.experiments.config import load_config, save_config
 from freeflows.experiments.datasets import resolve_file_data
 from freeflows.experiments.registry import build_model
+from freeflows.standardized import StandardizedModel
+from freeflows.transforms.standardize import Standardizer
 
 QUIET = ["--set", "trainer.progress_bar=false", "--set", "trainer.plot=false"]
 MEAN, STD = np.array([10.0, -4.0]), np.array([20.0, 0.5])

@@ -38,7 +38,7 @@ class DataSet:
         kind: ``"vector"``, ``"particles"`` or ``"image"``; tells plots and metrics what to draw.
         meta: anything else a metric or plot needs (for example ``n_particles``, ``energy``).
         wrap_model: applied by the runner to every model built for this data set, for example
-            :class:`~freeflows.data.standardize.StandardizedModel` for a user's file, whose splits
+            :class:`~freeflows.standardized.StandardizedModel` for a user's file, whose splits
             stay in the file's units while the model learns standardised values.
     """
 

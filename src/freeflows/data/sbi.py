@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..transforms.standardize import Standardizer
+from ..transforms.support import BoxLogit, PositiveLog
 from .base import DataSet, split_by_seed
 from .sbi_ode import ODE_SIMULATORS
-from .standardize import Standardizer
-from .support import BoxLogit, PositiveLog
 
 #: The sbibm tasks that simulate offline: sbibm's own simulators, and for sir and lotka_volterra
 #: (which sbibm simulates with Julia) the scipy ones of :mod:`freeflows.data.sbi_ode`.
@@ -172,8 +172,8 @@ def support_map(task: str) -> BoxLogit | PositiveLog | None:
     r"""The bijection of ``task``'s prior support onto :math:`\mathbb{R}^D`, or ``None`` if it is
     :math:`\mathbb{R}^D` already.
 
-    A uniform prior on a box gets :class:`~freeflows.data.support.BoxLogit`, a log-normal one
-    :class:`~freeflows.data.support.PositiveLog`; Gaussian priors need none.
+    A uniform prior on a box gets :class:`~freeflows.transforms.support.BoxLogit`, a log-normal one
+    :class:`~freeflows.transforms.support.PositiveLog`; Gaussian priors need none.
     """
     prior = get_task(check_task(task)).get_prior_dist()
     base = getattr(prior, "base_dist", prior)
@@ -218,15 +218,15 @@ def load_sbi_task(
     theta, x = simulate(task, budget, seed)
     support = support_map(task) if unbounded else None
     if support is not None:
-        theta = support(theta)
+        theta = support(theta)[0]
     train, val, test = split_by_seed(theta, x, (val_fraction, test_fraction), seed)
     if len(train) < 2:
         raise ValueError(f"a budget of {budget} leaves {len(train)} training simulations; need at least 2")
     theta_std = Standardizer.fit(train.x)
     x_std = Standardizer.fit(train.c)
     for split in (train, val, test):
-        split.x = theta_std(split.x)
-        split.c = x_std(split.c)
+        split.x = theta_std(split.x)[0]
+        split.c = x_std(split.c)[0]
     return DataSet(
         name=f"sbi-{task}",
         train=train,

@@ -14,9 +14,9 @@ naming the file and, where it applies, the offending rows or column.
 
 :func:`load_file` shuffles the rows with the seed and cuts them into train/validation/test splits
 (fractions, or row counts when given as integers). The splits stay in the file's units; with
-``standardize=True`` the data set carries a :class:`~freeflows.data.standardize.Standardizer`
+``standardize=True`` the data set carries a :class:`~freeflows.transforms.standardize.Standardizer`
 fitted on the training split, and the runner wraps each model in
-:class:`~freeflows.data.standardize.StandardizedModel`, so the model learns z-scored data while
+:class:`~freeflows.standardized.StandardizedModel`, so the model learns z-scored data while
 its ``log_prob`` and ``sample`` are in the file's units.
 """
 
@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..standardized import StandardizedModel
+from ..transforms.standardize import Standardizer
 from .base import DataSet, Split
-from .standardize import StandardizedModel, Standardizer
 
 #: The file formats that :func:`read_data_file` reads.
 EXTENSIONS: tuple[str, ...] = (".npy", ".npz", ".csv")

@@ -160,7 +160,7 @@ def train_fff(
         seconds = float(recorded.get("train_seconds", float("nan")))
 
     def sample(n: int, x_o: Tensor, draw_seed: int) -> Tensor:
-        c = x_std(x_o.reshape(1, -1)).reshape(-1)
+        c = x_std(x_o.reshape(1, -1))[0].reshape(-1)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(draw_seed)
             draws = model.sample(n, c)

@@ -20,12 +20,15 @@ from .coupling import AdditiveCoupling, AffineCoupling, DiagonalScaling, half_ma
 from .glow import ActNorm, ImageAffineCoupling, InvertibleConv1x1, InvertibleLinear, MultiScale, Squeeze
 from .ode import ODETransform
 from .planar import Planar, solve_planar
+from .standardize import Standardizer
+from .support import BoxLogit, PositiveLog
 
 __all__ = [
     "MADE",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "BoxLogit",
     "ComposedTransform",
     "DiagonalScaling",
     "ImageAffineCoupling",
@@ -38,8 +41,10 @@ __all__ = [
     "ODETransform",
     "Permutation",
     "Planar",
+    "PositiveLog",
     "Reverse",
     "Squeeze",
+    "Standardizer",
     "Transform",
     "half_mask",
     "solve_planar",

@@ -1,70 +1,21 @@
-r"""Feature-wise z-scoring as an exact affine bijection.
+r"""A density model of z-scored data, seen in the data's own units: :class:`StandardizedModel`.
 
-.. math:: T(v) = (v - \mu) \oslash \sigma, \qquad T^{-1}(u) = u \odot \sigma + \mu, \qquad
-   \log\lvert\det J_T\rvert = -\textstyle\sum_j \log \sigma_j ,
-
-with :math:`\mu, \sigma` the mean and standard deviation of a fitting set. A feature whose
-standard deviation is below ``min_std`` (a constant feature) gets :math:`\sigma_j = 1`, so it is
-only centred instead of blown up.
+A model that learns standardised data :math:`u = T(x) = (x - \mu)/\sigma`
+(:class:`~freeflows.transforms.standardize.Standardizer`) is, by the change of variables through
+the affine bijection :math:`T`, a model of :math:`x` whose density carries the constant
+:math:`-\sum_j \log\sigma_j`. The wrapper is a model (it has the contract's methods), so it
+lives with the models; the tool's data layer wraps a user's model in it when the user's file is
+standardised.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
-from ..contract import Loss
-
-
-class Standardizer(nn.Module):
-    r"""The z-score :math:`T(v) = (v - \mu)/\sigma` of vectors ``[N, D]``, invertible and exact.
-
-    Args:
-        mean: :math:`\mu`, shape ``[D]``.
-        std: :math:`\sigma`, shape ``[D]``, all positive.
-    """
-
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, mean: Tensor, std: Tensor):
-        super().__init__()
-        if mean.dim() != 1 or mean.shape != std.shape:
-            raise ValueError(
-                f"mean and std must both have shape [D], got {tuple(mean.shape)} and {tuple(std.shape)}"
-            )
-        if not bool((std > 0).all()):
-            raise ValueError("std must be positive")
-        self.register_buffer("mean", mean.detach().clone())
-        self.register_buffer("std", std.detach().clone())
-
-    @classmethod
-    def fit(cls, v: Tensor, min_std: float = 1e-6) -> Standardizer:
-        """Mean and (unbiased) standard deviation of the rows of ``v [N, D]``; ``std < min_std`` -> 1."""
-        if v.dim() != 2 or v.shape[0] < 2:
-            raise ValueError(f"fit needs data of shape [N >= 2, D], got {tuple(v.shape)}")
-        std = v.std(dim=0)
-        std = torch.where(std < min_std, torch.ones_like(std), std)
-        return cls(v.mean(dim=0), std)
-
-    @property
-    def dim(self) -> int:
-        return self.mean.shape[0]
-
-    def forward(self, v: Tensor) -> Tensor:
-        r""":math:`T(v) = (v - \mu)/\sigma`."""
-        return (v - self.mean.to(v)) / self.std.to(v)
-
-    def inverse(self, u: Tensor) -> Tensor:
-        r""":math:`T^{-1}(u) = u\,\sigma + \mu`."""
-        return u * self.std.to(u) + self.mean.to(u)
-
-    def log_abs_det(self) -> Tensor:
-        r""":math:`\log\lvert\det J_T\rvert = -\sum_j \log\sigma_j`, a scalar (the same for every ``v``)."""
-        return -self.std.log().sum()
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+from .contract import Loss
+from .transforms.standardize import Standardizer
 
 
 class StandardizedModel(nn.Module):
@@ -87,11 +38,21 @@ class StandardizedModel(nn.Module):
         model: any density model of the contract (inner model, on standardised data).
         standardizer: :math:`T` of the data.
         condition_standardizer: :math:`T_c` of the conditions, or ``None`` to pass them as they are.
+
+    Example:
+        >>> import torch, freeflows as ff
+        >>> from freeflows.standardized import StandardizedModel
+        >>> from freeflows.transforms import Standardizer
+        >>> unit = Standardizer(torch.zeros(2), torch.full((2,), 2.0))
+        >>> model = StandardizedModel(ff.CNF(2, hidden=8), unit)  # N(0, I) at first: N(0, 4 I) on x
+        >>> x = torch.tensor([[2.0, 0.0]])
+        >>> torch.allclose(model.log_prob(x), torch.distributions.Normal(0.0, 2.0).log_prob(x).sum(-1))
+        True
     """
 
     def __init__(
         self, model: nn.Module, standardizer: Standardizer, condition_standardizer: Standardizer | None = None
-    ):
+    ) -> None:
         super().__init__()
         self.model = model
         self.standardizer = standardizer
@@ -100,13 +61,14 @@ class StandardizedModel(nn.Module):
     def _c(self, c: Tensor | None) -> Tensor | None:
         if c is None or self.condition_standardizer is None:
             return c
-        return self.condition_standardizer(c)
+        return self.condition_standardizer(c)[0]
 
     def _shift(self) -> Tensor:
         return self.standardizer.log_abs_det()
 
     @property
     def condition_dim(self) -> int | None:
+        """The inner model's number of condition features, or ``None``."""
         return getattr(self.model, "condition_dim", None)
 
     @property
@@ -116,35 +78,36 @@ class StandardizedModel(nn.Module):
 
     @property
     def divergence_hint(self) -> str | None:
+        """The inner model's hint on training divergence, if it has one."""
         return getattr(self.model, "divergence_hint", None)
 
-    def log_prob(self, x: Tensor, c: Tensor | None = None, **kwargs) -> Tensor:
+    def log_prob(self, x: Tensor, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         r""":math:`\log\tilde q(T(x) \mid T_c(c)) - \sum_j \log\sigma_j`; keywords go to the inner model."""
-        log_q = self.model.log_prob(self.standardizer(x), self._c(c), **kwargs)
+        log_q = self.model.log_prob(self.standardizer(x)[0], self._c(c), **kwargs)
         return log_q + self._shift().to(log_q)
 
-    def sample(self, n: int, c: Tensor | None = None, **kwargs) -> Tensor:
+    def sample(self, n: int, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         """``n`` draws in original units, :math:`T^{-1}(u)`; keywords go to the inner model."""
         return self.standardizer.inverse(self.model.sample(n, self._c(c), **kwargs))
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # ``rsample`` exists exactly when the inner model has one
         if name == "rsample" and hasattr(self._modules["model"], "rsample"):
             return self._rsample
         return super().__getattr__(name)
 
-    def _rsample(self, n: int, c: Tensor | None = None, **kwargs) -> Tensor:
+    def _rsample(self, n: int, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Reparametrised draws in original units (``rsample``, when the inner model has one)."""
         return self.standardizer.inverse(self.model.rsample(n, self._c(c), **kwargs))
 
-    def sample_and_log_prob(self, n: int, c: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(self, n: int, c: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Draws and their log-density, both in original units."""
         u, log_q = self.model.sample_and_log_prob(n, self._c(c), **kwargs)
         return self.standardizer.inverse(u), log_q + self._shift().to(log_q)
 
     def loss(self, x: Tensor, c: Tensor | None = None) -> Loss:
         """The inner model's loss on :math:`(T(x), T_c(c))`, with ``parts["nll"]`` in original units."""
-        loss = self.model.loss(self.standardizer(x), self._c(c))
+        loss = self.model.loss(self.standardizer(x)[0], self._c(c))
         if "nll" in loss.parts:
             loss.parts = {**loss.parts, "nll": loss.parts["nll"] - self._shift().to(loss.parts["nll"])}
         return loss
@@ -157,4 +120,4 @@ class StandardizedModel(nn.Module):
             return {}
         if log_prob is not None:
             log_prob = log_prob - self._shift().to(log_prob)
-        return self.model.diagnostics(self.standardizer(x), self._c(c), log_prob=log_prob)
+        return self.model.diagnostics(self.standardizer(x)[0], self._c(c), log_prob=log_prob)
