@@ -80,7 +80,7 @@ def test_a_tiny_run_moves_beta_the_right_way_and_logs_it(tmp_path, target, direc
     run = train(cfg, tmp_path / "r", callbacks=[cb])
     assert len(cb.history) == 2  # validations at steps 8 and 16
     betas = [b for _, b in cb.history]
-    start = cfg["model"]["fff"].get("beta", 50.0)
+    start = cfg["model"]["fff"]["beta"]
     assert (betas[0] - start) * direction > 0 and (betas[1] - betas[0]) * direction > 0
     rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
     logged = [float(r[2]) for r in rows if r[1] == "beta"]
@@ -89,3 +89,44 @@ def test_a_tiny_run_moves_beta_the_right_way_and_logs_it(tmp_path, target, direc
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["AdaptiveBeta"]
     assert saved["history"] and [tuple(h) for h in saved["history"]] == cb.history[: len(saved["history"])]
     assert saved["beta"] == saved["history"][-1][1]
+
+
+def test_beta_auto_in_the_config_adapts_beta_from_its_start(tmp_path):
+    from freeflows.experiments.config import load_config
+    from freeflows.runner.train import train
+
+    overrides = [
+        "trainer.progress_bar=false",
+        "trainer.plot=false",
+        "trainer.max_steps=16",
+        "trainer.val_every_epochs=1",
+        "model.fff.beta=auto",
+        "beta_auto.start=20",
+        "beta_auto.target=1e-8",  # far below what 8 steps reach: beta must rise
+        "beta_auto.rate=0.1",
+    ]
+    run = train(load_config("tiny", overrides), tmp_path / "r")
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    betas = [float(r[2]) for r in rows if r[1] == "beta"]
+    assert betas[0] == pytest.approx(20.0) and betas[-1] > 20.0
+    assert "beta: auto" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["model.fff.beta=fast"], "model.fff.beta must be a number"),
+        (["model.fff.beta=auto", "beta_auto.target=-1"], "adaptive beta: target must be a finite number > 0"),
+        (["model.fff.beta=auto", "beta_auto.min=10", "beta_auto.max=1"], "beta_min 10 exceeds beta_max 1"),
+    ],
+)
+def test_bad_beta_auto_settings_are_one_line(capsys, tmp_path, overrides, needle):
+    from freeflows.cli import main
+
+    args = ["train", "tiny", "--out", str(tmp_path / "r")]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "r").exists()

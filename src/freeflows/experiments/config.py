@@ -61,6 +61,15 @@ def default_config() -> dict[str, Any]:
             "threads": None,
             "checkpoint_every_steps": 200,
         },
+        # model.<kind>.beta: auto adapts beta to hold `metric` at `target` (freeflows.runner.beta)
+        "beta_auto": {
+            "start": 10.0,
+            "target": 0.06,
+            "metric": "val/inverse_defect",
+            "rate": 0.5,
+            "min": 0.1,
+            "max": 1e4,
+        },
     }
 
 
@@ -100,6 +109,8 @@ def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict
 def _check_type(path: str, default: Any, value: Any) -> Any:
     if default is None or value is None:
         return value
+    if value == "auto" and path.startswith("model.") and path.endswith(".beta"):
+        return value  # adapted during training (see the beta_auto section)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, got {value!r}")

@@ -19,6 +19,10 @@ one that β multiplies in the loss.
 The model only needs a float attribute ``beta`` that its loss reads. β is logged as ``beta`` at
 every training step and saved with the callback's state in the checkpoint, so a resumed run
 continues from the β it had.
+
+In a config, ``model.<kind>.beta: auto`` turns it on for any model kind with a ``beta`` option;
+the section ``beta_auto`` holds ``start`` (the first β), ``target``, ``metric``, ``rate``,
+``min`` and ``max`` (:func:`model_section` and :func:`callback_from_config`).
 """
 
 from __future__ import annotations
@@ -128,3 +132,45 @@ class AdaptiveBeta(Callback):
         self.history = [(int(s), float(b)) for s, b in state_dict.get("history", [])]
         beta = state_dict.get("beta")
         self._restored = None if beta is None else float(beta)
+
+
+AUTO = "auto"
+
+
+def _auto(cfg: dict[str, Any]) -> bool:
+    kind = cfg["model"]["kind"]
+    return (cfg["model"].get(kind) or {}).get("beta") == AUTO
+
+
+def model_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config's ``model`` section to build from: with ``beta: auto``, the model starts at
+    ``beta_auto.start``.
+
+    Args:
+        cfg: a validated config.
+
+    Returns:
+        The ``model`` section (a copy when changed).
+    """
+    if not _auto(cfg):
+        return cfg["model"]
+    kind = cfg["model"]["kind"]
+    return {**cfg["model"], kind: {**cfg["model"][kind], "beta": float(cfg["beta_auto"]["start"])}}
+
+
+def callback_from_config(cfg: dict[str, Any]) -> AdaptiveBeta | None:
+    """The :class:`AdaptiveBeta` callback that ``beta: auto`` asks for, or ``None``.
+
+    Args:
+        cfg: a validated config.
+
+    Returns:
+        The callback, or ``None`` when β is a number.
+
+    Raises:
+        ValueError: for a bad ``beta_auto`` value, in one line.
+    """
+    if not _auto(cfg):
+        return None
+    o = cfg["beta_auto"]
+    return AdaptiveBeta(o["target"], metric=o["metric"], rate=o["rate"], beta_min=o["min"], beta_max=o["max"])

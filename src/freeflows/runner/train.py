@@ -22,6 +22,7 @@ from ..data.base import DataSet
 from ..experiments.config import ConfigError, save_config
 from ..experiments.datasets import build_data
 from ..experiments.registry import build_model
+from .beta import callback_from_config, model_section
 from .callbacks import CheckpointError, DivergenceError, read_checkpoint
 
 RUN_DIR_ENV = "FREEFLOWS_RUN_DIR"
@@ -51,7 +52,7 @@ def _quiet_lightning() -> None:
 def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
     data = build_data(cfg["data"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], data.event_shape, data.condition_dim, meta=data.meta)
+    model = build_model(model_section(cfg), data.event_shape, data.condition_dim, meta=data.meta)
     if data.wrap_model is not None:  # e.g. a user's file: the model learns standardised values
         model = data.wrap_model(model)
     check_dtypes(data, model)
@@ -124,6 +125,7 @@ def train(
     # directory is made, so a bad config leaves no directory behind.
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     data, model = build(cfg)
+    beta_callback = callback_from_config(cfg)  # model.<kind>.beta: auto
     steps = training_steps(tr, len(data.train))
     module = FlowModule(model, cfg["optim"], steps, tr["max_nonfinite"], cfg["seed"])
     dm = SplitDataModule(data, tr["batch_size"], tr["val_batch_size"], cfg["seed"])
@@ -141,6 +143,7 @@ def train(
                 ckpt_dir, "best", monitor="val/nll", mode="min", save_top_k=1, enable_version_counter=False
             ),
             checkpoint,
+            *([beta_callback] if beta_callback else []),
             *(callbacks or []),
         ]
         if tr["early_stopping_patience"]:
