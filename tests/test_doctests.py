@@ -23,6 +23,7 @@ CORE_MODULES = [
     "freeflows.conditioning",
     "freeflows.contract",
     "freeflows.distributions",
+    "freeflows.geometry",
     "freeflows.hutchinson",
     "freeflows.inverse_defect",
     "freeflows.inversion",

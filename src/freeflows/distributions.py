@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import geometry
 from .checks import numel
 
 LOG_TWO_PI = math.log(2 * math.pi)
@@ -196,8 +197,7 @@ class MeanFreeNormal(nn.Module):
         Returns:
             The centred configurations, shaped like ``x``.
         """
-        p = x.reshape(x.shape[0], self.n_particles, self.n_dims)
-        return (p - p.mean(dim=1, keepdim=True)).reshape(x.shape)
+        return geometry.center(x.reshape(x.shape[0], -1), self.n_particles, self.n_dims).reshape(x.shape)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Log-density of a batch, of the centred points (see the class docstring).

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..geometry import center
+
 
 @dataclass
 class MetropolisResult:
@@ -93,8 +95,7 @@ def metropolis(
     for t in range(burn_in + n_steps):
         noise = torch.randn(chains, dim, **kw)
         if n_particles is not None:
-            p = noise.reshape(chains, n_particles, -1)
-            noise = (p - p.mean(dim=1, keepdim=True)).reshape(chains, dim)
+            noise = center(noise, n_particles, dim // n_particles)
         proposal = x + log_step.exp()[:, None] * noise
         e_new = energy(proposal)
         log_u = torch.rand(chains, **kw).log()

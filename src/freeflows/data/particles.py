@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..geometry import center, interparticle_distances
 from .base import DataSet, Split
-from .geometry import as_particles, interparticle_distances
 from .mcmc import MetropolisResult, metropolis
 
 FILES = Path(__file__).parent / "files"
@@ -65,12 +65,6 @@ __all__ = [
 ]
 
 
-def center(x: Tensor, n_particles: int, n_dims: int) -> Tensor:
-    """Subtract each configuration's centre of mass (flattened ``[..., N*d]`` in and out)."""
-    p = as_particles(x, n_particles, n_dims)
-    return (p - p.mean(dim=-2, keepdim=True)).reshape(x.shape)
-
-
 def dw4_energy(x: Tensor, a: float = 0.0, b: float = -4.0, c: float = 0.9, d0: float = 4.0) -> Tensor:
     r"""Double-well energy of 4 particles in 2-D, ``[..., 8] -> [...]`` (see the module docstring)."""
     r = interparticle_distances(x, 4, 2) - d0
@@ -90,8 +84,7 @@ def lennard_jones_energy(
     \sum_i \lVert x_i - \bar x \rVert^2` for any number of particles."""
     inv6 = (r_m / interparticle_distances(x, n_particles, n_dims)).pow(6)
     pair = 2 * epsilon * (inv6.square() - 2 * inv6).sum(dim=-1)
-    p = as_particles(x, n_particles, n_dims)
-    harmonic = 0.5 * trap * (p - p.mean(dim=-2, keepdim=True)).square().sum(dim=(-2, -1))
+    harmonic = 0.5 * trap * center(x, n_particles, n_dims).square().sum(dim=-1)
     return pair + harmonic
 
 
