@@ -1,6 +1,6 @@
 """The z-score bijection (freeflows.transforms.standardize): log-determinant against autograd,
 whitening and round trip, constant features, shapes. The model wrapper it serves,
-freeflows.standardized.StandardizedModel, is tested with the user's files (test_user_data.py)."""
+freeflows.standardized.StandardizedModel, is tested with the user's files (test_data_user.py)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ tolerance of ``1e-8`` cannot resolve a population below about ``1e-8``; for a fe
 thousand the linear-coordinate solution then drifts (or turns negative) and its logarithm differs
 from the exact one, while the log-coordinate solution stays within about ``1e-4`` of a solve at
 tolerance ``1e-10``. Where both are accurate they agree with each other and with sbibm's
-observations (tests/test_sbi_ode.py).
+observations (tests/test_data_sbi_ode.py).
 
 **Failures.** A parameter row that is not finite raises ``ValueError``. If LSODA reports a failure
 (scipy's ``ODEintWarning``), the right-hand side overflows, or the solution is not finite,

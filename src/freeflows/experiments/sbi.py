@@ -270,7 +270,7 @@ def pair_plot(samples: Tensor, reference: Tensor, path: Path, title: str, max_po
 
 
 #: Classifiers whose scores can be compared with sbibm's published numbers (``"batched"`` runs
-#: sbibm's algorithm in torch; tests/test_c2st_batched.py checks it against ``"sklearn"``).
+#: sbibm's algorithm in torch; tests/test_eval_c2st.py checks it against ``"sklearn"``).
 SBIBM_COMPARABLE = ("sklearn", "batched")
 
 
