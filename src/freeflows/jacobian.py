@@ -10,7 +10,7 @@ is computed in one of three ways:
   :mod:`freeflows.tangents` knows (``ResNet``, ``Sequential`` of ``Linear`` and SiLU/Tanh, ...),
   one structured forward pass that carries the ``D`` basis vectors as tangents, with plain
   operators (:func:`freeflows.tangents.jacobian`); otherwise ``"reverse"``, which measured
-  faster than ``"forward"`` at every D from 2 to 512 (``benchmarks/log_prob.py``).
+  faster than ``"forward"`` at every D from 2 to 512 (``freeflows bench log_prob``).
 
 All three are differentiable in the network's parameters when autograd is on (so an exact
 maximum-likelihood loss can be backpropagated). ``chunk_size`` bounds how many rows are processed

@@ -9,7 +9,7 @@ pass (reverse-over-forward); the free-form surrogate needs exactly this (see
 bookkeeping (dual tensors, zero tangents of the parameters, the composite double-backward
 formulas of the activations) costs more than the arithmetic for small networks: measured, it
 made the free-form step ~2.3-2.9x an autoencoder step instead of ~1.4-1.6x
-(``benchmarks/surrogate_modes.py``). So the building blocks of the networks in
+(``freeflows bench surrogate_modes``). So the building blocks of the networks in
 :mod:`freeflows.nets` are written out with plain operators, with the same arithmetic:
 
 * ``nn.Linear``: :math:`y = Wx + b`, :math:`\dot y = W\dot x`;

@@ -12,7 +12,7 @@ enabled (as the runner's validation calls it; the result is then differentiable 
 parameters, which costs a graph). Networks as in ``train_step``; single thread; samples per
 second, medians over interleaved repeats.
 
-    python benchmarks/log_prob.py [--quick]
+    freeflows bench log_prob [--quick]
 """
 
 from __future__ import annotations

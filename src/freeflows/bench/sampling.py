@@ -7,7 +7,7 @@ Each model is built with its default options by the same builder the CLI uses
 ``sampling_speed.json`` (the CNF benchmark) and ``autoregressive_timing.json`` (classic flows),
 if present in the results directory, are appended with their source.
 
-    python benchmarks/sampling.py [--quick]
+    freeflows bench sampling [--quick]
 """
 
 from __future__ import annotations

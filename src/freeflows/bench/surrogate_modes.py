@@ -11,7 +11,7 @@ Both are timed as loss + backward (no optimiser), interleaved, single thread, fo
 relative to the autoencoder floor (reconstruction only). Then ``torch.compile`` (inductor) of the
 loss is tried in both modes at one D and either timed or its error recorded.
 
-    python benchmarks/surrogate_modes.py [--quick]
+    freeflows bench surrogate_modes [--quick]
 """
 
 from __future__ import annotations

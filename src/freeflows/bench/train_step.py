@@ -6,7 +6,7 @@ run interleaved (shuffled order per repeat); ratios are medians of per-repeat ra
 is the peak of live torch CPU allocations during one step above those live at its start, from
 torch.profiler's memory timeline.
 
-    python benchmarks/train_step.py [--quick]
+    freeflows bench train_step [--quick]
 """
 
 from __future__ import annotations
