@@ -298,6 +298,77 @@ class FreeFormFlow(DensityModule):
 
     @classmethod
     @named_constructor
+    def conv(
+        cls,
+        event_shape: tuple[int, int, int],
+        condition_dim: int | None = None,
+        *,
+        hidden: int = 32,
+        blocks: int = 3,
+        depth: int = 2,
+        kernel_size: int = 3,
+        beta: float = 10.0,
+        hutchinson: HutchinsonMode = "gaussian",
+        hutchinson_samples: int = 1,
+        jacobian_mode: JacobianMode = "auto",
+        surrogate: SurrogateMode = "vjp",
+        sample_refine_steps: int = 0,
+    ) -> FreeFormFlow:
+        r"""A free-form flow on images of shape ``event_shape = (C, H, W)``: encoder and decoder
+        are :class:`~freeflows.nets.ConvResNet` convolutional residual networks of the same size
+        (``blocks`` residual blocks, each ``depth`` hidden convolutions of ``hidden`` channels,
+        starting as the identity), and the latent is a standard normal on ``(C, H, W)``.
+
+        Args:
+            event_shape: ``(C, H, W)``.
+            condition_dim: features of the condition ``c``, or ``None``.
+            hidden: channels of the hidden convolutions of both networks.
+            blocks: residual blocks per network.
+            depth: hidden convolutions per residual block.
+            kernel_size: odd kernel size of every convolution.
+            beta: weight of the reconstruction loss.
+            hutchinson: probe distribution (see :class:`FreeFormFlow`).
+            hutchinson_samples: probes per sample.
+            jacobian_mode: Jacobian products for ``log_prob``.
+            surrogate: ``"vjp"`` or ``"jvp"`` (see :class:`FreeFormFlow`).
+            sample_refine_steps: refinement steps of each draw (see :class:`FreeFormFlow`).
+
+        Returns:
+            The free-form flow; :func:`freeflows.save` can store it.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.conv((1, 8, 8), hidden=8, blocks=2)
+            >>> x = torch.rand(3, 1, 8, 8)
+            >>> flow.sample(2).shape, torch.allclose(flow.log_prob(x), flow.latent.log_prob(x))
+            (torch.Size([2, 1, 8, 8]), True)
+        """
+        from .distributions import StandardNormal
+        from .nets.conv import ConvResNet
+
+        shape = tuple(event_shape) if isinstance(event_shape, (tuple, list)) else (event_shape,)
+        if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+            raise ValueError(f"FreeFormFlow.conv needs an image event shape (C, H, W), got {event_shape!r}")
+        check_condition_dim(condition_dim)
+
+        def net() -> ConvResNet:
+            return ConvResNet(shape[0], hidden, blocks, depth, kernel_size, condition_dim=condition_dim or 0)
+
+        return cls(
+            net(),
+            net(),
+            StandardNormal(*shape),
+            condition_dim=condition_dim,
+            beta=beta,
+            hutchinson=hutchinson,
+            hutchinson_samples=hutchinson_samples,
+            jacobian_mode=jacobian_mode,
+            surrogate=surrogate,
+            sample_refine_steps=sample_refine_steps,
+        )
+
+    @classmethod
+    @named_constructor
     def egnn(
         cls,
         n_particles: int,
