@@ -45,7 +45,7 @@ Three classifiers implement the protocol:
   initial weights and epoch shuffles from ``numpy.random.RandomState(seed)``, in scikit-learn's
   order), so its nets repeat scikit-learn's up to float32 rounding, which numpy and torch do in
   different orders and which, over long trainings, can grow until a net stops at another epoch.
-  ``tests/test_c2st_batched.py`` shows that its initial weights, losses, gradients and Adam steps
+  ``tests/test_eval_c2st.py`` shows that its initial weights, losses, gradients and Adam steps
   equal scikit-learn's; that a whole training follows ``MLPClassifier.fit``'s loss curve to
   float32 precision, stops at the same epoch and predicts the same labels; and that its scores
   are within 0.01 of ``"sklearn"``'s on the same samples, including in 5-D (2-D, 5,000 a side:
@@ -55,7 +55,7 @@ Three classifiers implement the protocol:
 * ``"torch"``: the same network in torch, trained with large-batch Adam and early stopping on a
   held-out tenth of each training fold. It is a *different, stronger* classifier, not a copy of
   sbibm's: where sbibm's MLP is near Bayes-optimal the two agree (two_moons posteriors and 2-D
-  Gaussians, 5,000 to 10,000 samples a side: within 0.005, see ``tests/test_sbi.py``), but in
+  Gaussians, 5,000 to 10,000 samples a side: within 0.005, see ``tests/test_eval_c2st.py``), but in
   5-D sbibm's MLP under-fits, and the torch score was higher by 0.033 (10,000 a side, means 0.3
   apart; Bayes accuracy 0.560, sbibm 0.532, torch 0.565), while taking 5 s instead of 120 s.
   **Not sbibm-comparable:** use it for quick checks only.
