@@ -13,11 +13,14 @@ from freeflows.runner.beta import AdaptiveBeta
 
 
 def test_the_step_raises_beta_above_the_target_and_lowers_it_below():
-    cb = AdaptiveBeta(target=0.01, rate=0.5, beta_min=1.0, beta_max=1000.0)
+    cb = AdaptiveBeta(target=0.01, rate=0.5, beta_min=1.0, beta_max=1000.0, max_factor=1e9)
     assert cb.step(10.0, 0.04) == pytest.approx(20.0)  # 10 * (0.04 / 0.01) ** 0.5
     assert cb.step(10.0, 0.0025) == pytest.approx(5.0)
     assert cb.step(10.0, 0.01) == pytest.approx(10.0)
-    assert cb.step(10.0, 1e6) == 1000.0 and cb.step(10.0, 1e-12) == 1.0  # clipped
+    assert cb.step(10.0, 1e6) == 1000.0 and cb.step(10.0, 1e-12) == 1.0  # clipped to the limits
+    capped = AdaptiveBeta(target=0.01, rate=0.5, max_factor=3.0)
+    assert capped.step(10.0, 1e6) == pytest.approx(30.0) and capped.step(10.0, 1e-12) == pytest.approx(10 / 3)
+    assert capped.step(10.0, 0.04) == pytest.approx(20.0)  # within the cap: unchanged
     assert cb.step(10.0, float("nan")) == 10.0 and cb.step(10.0, 0.0) == 10.0
 
 
@@ -37,7 +40,7 @@ def _fake(metrics: dict, beta: float = 10.0):
 
 
 def test_the_callback_updates_the_models_beta_and_keeps_its_history():
-    cb = AdaptiveBeta(target=0.01, rate=1.0)
+    cb = AdaptiveBeta(target=0.01, rate=1.0, max_factor=100.0)
     trainer, module, model = _fake({"val/inverse_defect": torch.tensor(0.1)})
     cb.on_validation_end(trainer, module)
     assert model.beta == pytest.approx(100.0) and cb.history == [(7, pytest.approx(100.0))]
@@ -52,6 +55,8 @@ def test_the_callback_updates_the_models_beta_and_keeps_its_history():
 def test_clear_errors():
     with pytest.raises(ValueError, match="target must be a finite number > 0"):
         AdaptiveBeta(target=0.0)
+    with pytest.raises(ValueError, match="max_factor must be > 1"):
+        AdaptiveBeta(target=1.0, max_factor=1.0)
     with pytest.raises(ValueError, match="beta_min 10 exceeds beta_max 1"):
         AdaptiveBeta(target=1.0, beta_min=10.0, beta_max=1.0)
     cb = AdaptiveBeta(target=0.01)

@@ -69,6 +69,7 @@ def default_config() -> dict[str, Any]:
             "rate": 0.5,
             "min": 0.1,
             "max": 1e4,
+            "max_factor": 2.0,
         },
     }
 

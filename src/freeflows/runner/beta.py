@@ -7,8 +7,12 @@ metric :math:`m` (by default ``val/inverse_defect``, the batch mean of
 :math:`\lVert J_g J_f - I\rVert_F^2`) at a target :math:`\tau`, by a multiplicative dual-ascent
 step on :math:`\log\beta` after every validation:
 
-.. math:: \log\beta \leftarrow \operatorname{clip}\bigl(\log\beta + \eta\,(\log m - \log\tau),\
-   \log\beta_{\min},\ \log\beta_{\max}\bigr) .
+.. math:: \log\beta \leftarrow \operatorname{clip}\bigl(\log\beta + \operatorname{clip}(
+   \eta\,(\log m - \log\tau),\ \pm\log\rho),\ \log\beta_{\min},\ \log\beta_{\max}\bigr) .
+
+One update changes β by at most a factor :math:`\rho` (``max_factor``): early in training the
+defect is near zero (the networks start as the identity), and an unlimited step would drop β
+by orders of magnitude before the networks have moved.
 
 This is the Lagrange-multiplier update of the constrained problem "minimise the NLL subject to
 :math:`m \le \tau`", with β the multiplier, taken in log space so that it stays positive and the
@@ -22,7 +26,7 @@ continues from the β it had.
 
 In a config, ``model.<kind>.beta: auto`` turns it on for any model kind with a ``beta`` option;
 the section ``beta_auto`` holds ``start`` (the first β), ``target``, ``metric``, ``rate``,
-``min`` and ``max`` (:func:`model_section` and :func:`callback_from_config`).
+``min``, ``max`` and ``max_factor`` (:func:`model_section` and :func:`callback_from_config`).
 """
 
 from __future__ import annotations
@@ -45,12 +49,15 @@ class AdaptiveBeta(Callback):
             :math:`\log(m/\tau)`.
         beta_min: lower limit of β, ``> 0``.
         beta_max: upper limit of β.
+        max_factor: :math:`\rho > 1`, the most that one update multiplies or divides β by.
 
     Example:
         >>> from freeflows.runner.beta import AdaptiveBeta
         >>> cb = AdaptiveBeta(target=1e-3, rate=0.5)
-        >>> round(cb.step(beta=10.0, value=4e-3), 3)  # above the target: beta * 4 ** 0.5
-        20.0
+        >>> round(cb.step(beta=10.0, value=2e-3), 3)  # above the target: beta * 2 ** 0.5
+        14.142
+        >>> round(cb.step(beta=10.0, value=1e-9), 3)  # far below: at most halved
+        5.0
     """
 
     def __init__(
@@ -60,11 +67,15 @@ class AdaptiveBeta(Callback):
         rate: float = 0.5,
         beta_min: float = 0.1,
         beta_max: float = 1e4,
+        max_factor: float = 2.0,
     ) -> None:
         limits = {"target": target, "rate": rate, "beta_min": beta_min, "beta_max": beta_max}
+        limits["max_factor"] = max_factor
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"adaptive beta: {name} must be a finite number > 0, got {value!r}")
+        if max_factor <= 1:
+            raise ValueError(f"adaptive beta: max_factor must be > 1, got {max_factor!r}")
         if beta_min > beta_max:
             raise ValueError(f"adaptive beta: beta_min {beta_min:g} exceeds beta_max {beta_max:g}")
         self.target = float(target)
@@ -72,6 +83,7 @@ class AdaptiveBeta(Callback):
         self.rate = float(rate)
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
+        self.max_factor = float(max_factor)
         #: ``(step, beta)`` after every update, in order.
         self.history: list[tuple[int, float]] = []
         self._restored: float | None = None
@@ -88,7 +100,9 @@ class AdaptiveBeta(Callback):
         """
         if not (math.isfinite(value) and value > 0):
             return beta
-        log_beta = math.log(beta) + self.rate * (math.log(value) - math.log(self.target))
+        cap = math.log(self.max_factor)
+        step = min(cap, max(-cap, self.rate * (math.log(value) - math.log(self.target))))
+        log_beta = math.log(beta) + step
         return min(self.beta_max, max(self.beta_min, math.exp(log_beta)))
 
     @staticmethod
@@ -173,4 +187,7 @@ def callback_from_config(cfg: dict[str, Any]) -> AdaptiveBeta | None:
     if not _auto(cfg):
         return None
     o = cfg["beta_auto"]
-    return AdaptiveBeta(o["target"], metric=o["metric"], rate=o["rate"], beta_min=o["min"], beta_max=o["max"])
+    return AdaptiveBeta(
+        o["target"], metric=o["metric"], rate=o["rate"], beta_min=o["min"], beta_max=o["max"],
+        max_factor=o["max_factor"],
+    )
