@@ -28,6 +28,7 @@ CORE_MODULES = [
     "freeflows.inverse_defect",
     "freeflows.inversion",
     "freeflows.jacobian",
+    "freeflows.point_clouds",
     "freeflows.serialization",
     "freeflows.standardized",
     "freeflows.tangents",

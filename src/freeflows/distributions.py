@@ -229,3 +229,133 @@ class MeanFreeNormal(nn.Module):
     def extra_repr(self) -> str:
         """The sizes shown by ``repr``."""
         return f"n_particles={self.n_particles}, n_dims={self.n_dims}"
+
+
+class MaskedMeanFreeNormal(nn.Module):
+    r"""Standard normal on padded point clouds of varying size: mean-free Gaussian coordinates
+    and standard normal features on each row's real points, nothing on the padding.
+
+    An event is ``[N, d + k]``: per node :math:`d` coordinates and :math:`k` invariant features
+    (:mod:`freeflows.point_clouds`). The number of real points :math:`n` of a row is the last
+    column of the condition ``c`` (``[B, C]``); the first :math:`n` nodes are real. The support of
+    the row is the subspace :math:`S_n` of dimension :math:`m_n = (n-1)d + nk` (coordinates
+    mean-free over the real points, padding zero), and on it
+
+    .. math:: \log p(z \mid n) = -\tfrac12 \lVert P_n z \rVert^2 - \tfrac{m_n}{2} \log 2\pi ,
+
+    with :math:`P_n` the orthogonal projection onto :math:`S_n`
+    (:func:`freeflows.point_clouds.project`): the density with respect to the Lebesgue measure of
+    :math:`S_n`, :math:`\mathcal N(0, I)` in orthonormal coordinates of the subspace.
+    ``log_prob`` measures the projected point, so padding content and a translation of the real
+    points do not change it.
+
+    The support differs from row to row, so ``basis`` is ``None`` and models take
+    log-determinants on all :math:`N(d+k)` coordinates. That equals the log-determinant on
+    :math:`S_n` exactly when the model's map sends :math:`S_n` into itself and is the identity
+    on its orthogonal complement (translations of the real points, and the padding): the
+    Jacobian is then block-diagonal with an identity block. The masked
+    :class:`~freeflows.nets.EGNN` (``x + \Delta(x)`` with :math:`\Delta` translation invariant,
+    mean-free, zero on the padding and blind to it) and the masked
+    :class:`~freeflows.nets.EGNNVelocity` (whose trace gains nothing from the complement) have
+    this property; a generic network does not.
+
+    Args:
+        max_points: :math:`N`, the padded number of nodes.
+        n_dims: :math:`d`, coordinates per node.
+        features: :math:`k`, invariant feature channels per node.
+
+    References:
+        Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+        (2021), arXiv:2105.09016.
+
+    Example:
+        >>> import torch
+        >>> from freeflows.distributions import MaskedMeanFreeNormal
+        >>> latent = MaskedMeanFreeNormal(4, 3, features=2)
+        >>> c = torch.tensor([[2.0], [4.0]])  # 2 and 4 real points
+        >>> z = latent.sample(2, c)
+        >>> z.shape, bool((z[0, 2:] == 0).all())  # padding is zero
+        (torch.Size([2, 4, 5]), True)
+        >>> latent.log_prob(torch.zeros(2, 4, 5), c) / -0.5 / math.log(2 * math.pi)  # m_n
+        tensor([ 7., 17.])
+    """
+
+    basis: Tensor | None = None
+
+    def __init__(self, max_points: int, n_dims: int, features: int = 0) -> None:
+        super().__init__()
+        if max_points < 1 or n_dims < 1 or features < 0:
+            raise ValueError(
+                "MaskedMeanFreeNormal needs max_points >= 1, n_dims >= 1 and features >= 0, "
+                f"got {max_points}, {n_dims}, {features}"
+            )
+        self.max_points = int(max_points)
+        self.n_dims = int(n_dims)
+        self.features = int(features)
+        self.event_shape = (self.max_points, self.n_dims + self.features)
+        #: The atom count is one condition column (the last one).
+        self.condition_dim = 1
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def degrees_of_freedom(self, c: Tensor) -> Tensor:
+        r""":math:`m_n = (n-1)d + nk` of each row.
+
+        Args:
+            c: conditions ``[B, C]``, the point count last.
+
+        Returns:
+            ``[B]`` int64.
+        """
+        from .point_clouds import degrees_of_freedom
+
+        return degrees_of_freedom(c, self.max_points, self.n_dims, self.features)
+
+    def project(self, z: Tensor, c: Tensor) -> Tensor:
+        r"""The projection :math:`P_n z` of each row onto its support.
+
+        Args:
+            z: events ``[B, N, d + k]``.
+            c: conditions ``[B, C]``, the point count last.
+
+        Returns:
+            Shaped like ``z``.
+        """
+        from .point_clouds import project
+
+        return project(z, c, self.n_dims)
+
+    def log_prob(self, z: Tensor, c: Tensor) -> Tensor:
+        """Log-density of a batch (see the class docstring), of the projected points.
+
+        Args:
+            z: events ``[B, N, d + k]``.
+            c: conditions ``[B, C]``, the point count last.
+
+        Returns:
+            ``[B]``.
+        """
+        sq = self.project(z, c).reshape(z.shape[0], -1).square().sum(dim=1)
+        return -0.5 * sq - 0.5 * self.degrees_of_freedom(c).to(sq.dtype) * LOG_TWO_PI
+
+    def sample(self, n: int, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` events, row ``i`` with the point count of ``c[i]``.
+
+        Args:
+            n: the number of draws.
+            c: conditions ``[n, C]``, the point count last.
+            generator: random number generator, for reproducible draws.
+
+        Returns:
+            ``[n, N, d + k]``, in the module's dtype and on its device; zero on the padding.
+        """
+        if c is None or c.shape[0] != n:
+            shape = None if c is None else tuple(c.shape)
+            raise ValueError(f"MaskedMeanFreeNormal.sample(n, c) needs c of shape [n, C], got {shape}")
+        eps = torch.randn(
+            (n, *self.event_shape), generator=generator, device=self._anchor.device, dtype=self._anchor.dtype
+        )
+        return self.project(eps, c.to(eps))
+
+    def extra_repr(self) -> str:
+        """The sizes shown by ``repr``."""
+        return f"max_points={self.max_points}, n_dims={self.n_dims}, features={self.features}"

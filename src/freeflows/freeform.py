@@ -449,6 +449,105 @@ class FreeFormFlow(DensityModule):
             sample_refine_steps=sample_refine_steps,
         )
 
+    @classmethod
+    @named_constructor
+    def molecules(
+        cls,
+        max_atoms: int,
+        atom_features: int,
+        n_dims: int = 3,
+        *,
+        hidden: int = 64,
+        layers: int = 4,
+        attention: bool = True,
+        beta: float = 100.0,
+        hutchinson: HutchinsonMode = "gaussian",
+        hutchinson_samples: int = 1,
+        jacobian_mode: JacobianMode = "auto",
+        surrogate: SurrogateMode = "vjp",
+        sample_refine_steps: int = 0,
+    ) -> FreeFormFlow:
+        r"""An E(n)-equivariant free-form flow on molecules of up to ``max_atoms`` atoms, all
+        sizes in one padded batch (:mod:`freeflows.point_clouds`).
+
+        An event is ``[max_atoms, n_dims + atom_features]``: per atom its coordinates and
+        ``atom_features`` invariant channels (for example
+        :class:`~freeflows.point_clouds.AtomEncoding` of the atom types); the first :math:`n`
+        rows are the real atoms and the rest is padding. The condition ``c`` (``[1]`` or
+        ``[B, 1]``) is the atom count :math:`n`, so the model is the conditional density
+        :math:`q(x, h \mid n)`; to generate molecules draw :math:`n` from the data's histogram
+        and then ``sample(1, c)``. Encoder and decoder are masked
+        :class:`~freeflows.nets.EGNN` flow maps on coordinates and features jointly, and the
+        latent is :class:`~freeflows.distributions.MaskedMeanFreeNormal`. Densities are with
+        respect to the :math:`(n-1)d + nk`-dimensional subspace of each row (coordinates
+        mean-free over the real atoms, padding zero): the networks are the identity on its
+        complement, so log-determinants on all coordinates are those on the subspace, and the
+        default ``log_prob`` (the decoder's density, solved by :meth:`invert_decoder`) is
+        normalised on it. It is invariant to rotations, reflections, translations and
+        permutations of the real atoms (where the decoder's root is unique), and to the content
+        of the padding. Restarts of the decoder solve default to 64 draws (``solve_restarts``).
+
+        Args:
+            max_atoms: :math:`N`, the padded size.
+            atom_features: :math:`k`, invariant channels per atom.
+            n_dims: :math:`d`, coordinates per atom.
+            hidden: width of the EGNNs.
+            layers: EGNN layers per network.
+            attention: gate the messages.
+            beta: weight of the reconstruction loss.
+            hutchinson: probe distribution (see :class:`FreeFormFlow`).
+            hutchinson_samples: probes per sample.
+            jacobian_mode: Jacobian products for ``log_prob``.
+            surrogate: ``"vjp"`` or ``"jvp"`` (see :class:`FreeFormFlow`).
+            sample_refine_steps: refinement steps of each draw (see :class:`FreeFormFlow`).
+
+        Returns:
+            The free-form flow; :func:`freeflows.save` can store it.
+
+        References:
+            Draxler, Sorrenson, Zimmermann, Rousselot and Köthe, "Free-form flows: Make Any
+            Architecture a Normalizing Flow" (AISTATS 2024), arXiv:2310.16624.
+            Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+            (2021), arXiv:2105.09016.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> flow = ff.FreeFormFlow.molecules(6, atom_features=2, hidden=8, layers=1)
+            >>> x = flow.sample(4, torch.tensor([3.0]))  # four molecules of 3 atoms
+            >>> x.shape, bool((x[:, 3:] == 0).all())
+            (torch.Size([4, 6, 5]), True)
+            >>> flow.loss(x, torch.tensor([3.0])).value.shape
+            torch.Size([])
+        """
+        from .distributions import MaskedMeanFreeNormal
+        from .nets.egnn import EGNN
+
+        sizes = (("max_atoms", max_atoms, 2), ("atom_features", atom_features, 0), ("n_dims", n_dims, 1))
+        for name, value, least in sizes:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+        def net() -> EGNN:
+            return EGNN(
+                max_atoms, n_dims, hidden, layers, attention, condition_dim=1, features=atom_features,
+                masked=True,
+            )
+
+        flow = cls(
+            net(),
+            net(),
+            MaskedMeanFreeNormal(max_atoms, n_dims, atom_features),
+            condition_dim=1,
+            beta=beta,
+            hutchinson=hutchinson,
+            hutchinson_samples=hutchinson_samples,
+            jacobian_mode=jacobian_mode,
+            surrogate=surrogate,
+            sample_refine_steps=sample_refine_steps,
+        )
+        flow.solve_restarts = 64
+        return flow
+
     # -- the two networks ---------------------------------------------------------------------
     def encode(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """The encoder, :math:`z = f(x)` (data to latent).
@@ -703,7 +802,8 @@ class FreeFormFlow(DensityModule):
             for i in range(x.shape[0]):
                 ci = c[i : i + 1].expand(m, -1)
                 draws = self._latent_sample(m, ci, gen).to(x)
-                images = torch.cat([self.decode(d, cc) for d, cc in zip(draws.split(256), ci.split(256))])
+                parts = zip(draws.split(256), ci.split(256), strict=True)
+                images = torch.cat([self.decode(d, cc) for d, cc in parts])
                 starts.append(draws[(images.reshape(m, -1) - flat[i]).norm(dim=1).argmin()])
             return torch.stack(starts)
         draws = self.latent.sample(m, generator=gen).to(x)
