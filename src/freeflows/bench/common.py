@@ -9,7 +9,7 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,83 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def main(run: Callable[..., dict[str, Any]], doc: str) -> None:
-    """The ``__main__`` of a benchmark module: ``--out DIR --quick``."""
+#: Overrides of every run a benchmark trains: one thread, no progress bar.
+TRAIN_OVERRIDES = ("trainer.threads=1", "trainer.progress_bar=false")
+#: Overrides of the runs a ``--quick`` benchmark trains (in a temporary directory): a few steps on
+#: small splits, no plots.
+QUICK_TRAIN_OVERRIDES = (
+    "trainer.max_steps=3",
+    "trainer.batch_size=128",
+    "trainer.val_batch_size=128",
+    "trainer.plot=false",
+    "data.n_train=512",
+    "data.n_val=128",
+    "data.n_test=256",
+)
+
+
+def trained_run(preset: str, run_dir: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Path:
+    """The finished run in ``run_dir`` if there is one, else a run trained there from ``preset``.
+
+    A finished run (one with ``metrics.json``) is reused when its model kind and data set are the
+    preset's; anything else in ``run_dir`` is an error, so that no run is overwritten.
+
+    Args:
+        preset: the preset to train (``freeflows presets`` lists them).
+        run_dir: the run directory to reuse or to train into.
+        overrides: ``KEY=VALUE`` config overrides, after the preset's settings.
+        quick: train for a few steps on small splits (:data:`QUICK_TRAIN_OVERRIDES`).
+
+    Returns:
+        ``run_dir``, holding a finished run.
+    """
+    from ..experiments.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(preset, [*TRAIN_OVERRIDES, *(QUICK_TRAIN_OVERRIDES if quick else ()), *overrides])
+    if (run_dir / "metrics.json").is_file():
+        from ..runner.train import read_run_config
+
+        found = read_run_config(run_dir)
+        for section, key in (("model", "kind"), ("data", "name")):
+            if found[section][key] != cfg[section][key]:
+                raise ValueError(
+                    f"{run_dir} holds a run with {section}.{key} = {found[section][key]!r}, not the "
+                    f"{preset!r} preset's {cfg[section][key]!r}: give another run directory"
+                )
+        print(f"reusing the run in {run_dir}", flush=True)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(
+            f"{run_dir} holds no finished run (no metrics.json): resume it with "
+            f"`freeflows train --resume {run_dir}` or remove it"
+        )
+    from ..runner.train import train
+
+    print(f"training {preset} -> {run_dir}", flush=True)
+    train(cfg, run_dir)
+    return run_dir
+
+
+def main(
+    run: Callable[..., dict[str, Any]],
+    doc: str,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """The ``__main__`` of a benchmark module: ``--out DIR --quick`` and the module's own options.
+
+    Args:
+        run: the module's ``run(out_dir, quick, **options)``.
+        doc: the module's docstring; its first line describes the command.
+        options: adds the module's own arguments to the parser; each is passed to ``run`` as a
+            keyword named by its ``dest``.
+    """
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="few repeats and sizes, for a smoke run")
-    args = p.parse_args()
-    result = run(args.out, quick=args.quick)
+    if options is not None:
+        options(p)
+    args = vars(p.parse_args())
+    out, quick = args.pop("out"), args.pop("quick")
+    result = run(out, quick=quick, **args)
     print(result.get("markdown", json.dumps(result, indent=2)))

@@ -3,7 +3,7 @@
 ``FreeFormFlow.log_prob(variant="paper")`` (one encoder pass, the full decoder Jacobian per row,
 slogdet; the building block of every free-form density, measured on random weights where a root
 solve would not be meaningful; the normalised density's cost relative to it is measured on
-trained models by ``benchmarks/density_cost.py``) with ``jacobian_mode="auto"`` (one structured
+trained models by ``freeflows bench density_cost``) with ``jacobian_mode="auto"`` (one structured
 forward pass with D tangents,
 :mod:`freeflows.tangents`), ``"forward"`` (chunked ``vmap(jacfwd)``) and ``"reverse"`` (chunked
 ``vmap(jacrev)``), all under ``torch.no_grad()``; the naive baseline builds the same Jacobian row
