@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "results", help="directory of the JSON and Markdown")
     p.add_argument("--runs", type=Path, default=Path("runs") / NAME, help="directory of the run directories")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --runs")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="only re-read the runner rows' metrics.json into <out>/classic_vs_fff.json, redraw the table",
+    )
     return p.parse_args(argv)
 
 
@@ -126,20 +131,6 @@ def run_one(dataset: str, spec: str, seed: int, args: argparse.Namespace) -> dic
         t = time.perf_counter()
         train(cfg, run_dir)
         print(f"  {dataset} {spec} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
-    metrics = json.loads(metrics_path.read_text())
-    keep = (
-        "test_nll",
-        "test_nll_stderr",
-        "kl_to_truth",
-        "kl_to_truth_stderr",
-        "true_test_nll",
-        "n_params",
-        "train_seconds",
-        "sample_seconds_per_sample",
-        "steps",
-        "nonfinite_batches_skipped",
-        "n_test",
-    )
     return {
         "dataset": dataset,
         "kind": kind,
@@ -150,8 +141,41 @@ def run_one(dataset: str, spec: str, seed: int, args: argparse.Namespace) -> dic
         "optim": cfg["optim"],
         "batch_size": cfg["trainer"]["batch_size"],
         "n_train": cfg["data"]["n_train"],
-        **{k: metrics[k] for k in keep if k in metrics},
+        **kept_metrics(metrics_path),
     }
+
+
+#: metrics.json keys of a runner row: the normalised density's scores and mass, and for the
+#: free-form flow the papers' value (not normalised) with its mass.
+KEEP = (
+    "test_nll",
+    "test_nll_stderr",
+    "test_nll_unsolved",
+    "kl_to_truth",
+    "kl_to_truth_stderr",
+    "true_test_nll",
+    "density_mass",
+    "density_mass_stderr",
+    "density_mass_unsolved",
+    "test_nll_paper",
+    "test_nll_paper_stderr",
+    "kl_to_truth_paper",
+    "kl_to_truth_paper_stderr",
+    "density_mass_paper",
+    "density_mass_paper_stderr",
+    "n_params",
+    "train_seconds",
+    "sample_seconds_per_sample",
+    "steps",
+    "nonfinite_batches_skipped",
+    "n_test",
+)
+
+
+def kept_metrics(path: Path) -> dict[str, Any]:
+    """The :data:`KEEP` keys of a run's ``metrics.json``."""
+    metrics = json.loads(path.read_text())
+    return {k: metrics[k] for k in KEEP if k in metrics}
 
 
 def run_peer(dataset: str, peer: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,6 +267,19 @@ def summarise(runs: list[dict[str, Any]], specs: list[str]) -> list[dict[str, An
             row["kl_eight_gaussians"], row["kl_eight_gaussians_pm"] = kl
         if nll:
             row["nll_two_moons"], row["nll_two_moons_pm"] = nll
+        for name, rows in (("eight_gaussians", eight), ("two_moons", moons)):
+            mass = _mean_pm(rows, "density_mass")
+            if mass:
+                row[f"mass_{name}"], row[f"mass_{name}_pm"] = mass
+            paper_mass = _mean_pm(rows, "density_mass_paper")
+            if paper_mass:
+                row[f"mass_paper_{name}"], row[f"mass_paper_{name}_pm"] = paper_mass
+        kl_paper = _mean_pm(eight, "kl_to_truth_paper")
+        nll_paper = _mean_pm(moons, "test_nll_paper")
+        if kl_paper:
+            row["kl_paper_eight_gaussians"], row["kl_paper_eight_gaussians_pm"] = kl_paper
+        if nll_paper:
+            row["nll_paper_two_moons"], row["nll_paper_two_moons_pm"] = nll_paper
         for key in ("train_seconds", "sample_seconds_per_sample"):
             per_data = {}
             for name, rows in (("eight-gaussians", eight), ("two-moons", moons)):
@@ -288,27 +325,62 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + f" The true density's test NLL on eight-gaussians is {s['true_test_nll_eight_gaussians']:.3f}.",
         "",
-        "| model | params | KL 8-gaussians ↓ | test NLL two-moons ↓ | train s (8g / moons) "
-        "| sample µs per sample (8g / moons) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "Every score uses the model's normalised `log_prob` (for the free-form flow, the density of its "
+        'decoder draws). "Mass" is the integral of exp(log_prob) over the plane (quadrature, '
+        "201 × 201 nodes; 1 for a normalised density). The free-form flow's papers' value "
+        "log p_Z(f(x)) − log|det J_g(f(x))| is **not normalised**; it is shown in its own row with "
+        "its mass.",
+        "",
+        "| model | params | KL 8-gaussians ↓ | test NLL two-moons ↓ | mass (8g / moons) "
+        "| train s (8g / moons) | sample µs per sample (8g / moons) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["table"]:
-        kl = (
-            f"{row['kl_eight_gaussians']:.3f} ± {row['kl_eight_gaussians_pm']:.3f}"
-            if "kl_eight_gaussians" in row
-            else "—"
-        )
-        nll = f"{row['nll_two_moons']:.3f} ± {row['nll_two_moons_pm']:.3f}" if "nll_two_moons" in row else "—"
         lines.append(
-            f"| {row['label']} | {row['n_params']:,} | {kl} | {nll} | {_fmt_time(row['train_seconds'])} "
-            f"| {_fmt_time(row['sample_seconds_per_sample'], 1e6, 2)} |"
+            f"| {row['label']} | {row['n_params']:,} | {_pm(row, 'kl_eight_gaussians')} | "
+            f"{_pm(row, 'nll_two_moons')} | "
+            f"{_pm(row, 'mass_eight_gaussians')} / {_pm(row, 'mass_two_moons')} | "
+            f"{_fmt_time(row['train_seconds'])} | {_fmt_time(row['sample_seconds_per_sample'], 1e6, 2)} |"
         )
+        if "kl_paper_eight_gaussians" in row or "nll_paper_two_moons" in row:
+            lines.append(
+                f"| {row['label']}, papers' value (**not normalised**) | | "
+                f"{_pm(row, 'kl_paper_eight_gaussians')} | "
+                f"{_pm(row, 'nll_paper_two_moons')} | {_pm(row, 'mass_paper_eight_gaussians')} / "
+                f"{_pm(row, 'mass_paper_two_moons')} | | |"
+            )
     lines.append("")
     return "\n".join(lines)
 
 
+def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    return f"{row[key]:.{digits}f} ± {row[f'{key}_pm']:.{digits}f}" if key in row else "—"
+
+
+def refresh(args: argparse.Namespace) -> int:
+    """Re-read the runner rows of ``<out>/classic_vs_fff.json`` from their run directories (the zuko
+    rows are kept as they are) and rewrite the table and the Markdown."""
+    path = args.out / f"{NAME}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist; run the benchmark first")
+    result = json.loads(path.read_text())
+    for row in result["runs"]:
+        metrics = Path(row.get("run_dir", "")) / "metrics.json"
+        if "run_dir" in row and metrics.is_file():
+            row.update(kept_metrics(metrics))
+    s = result["settings"]
+    specs = [*s["kinds"], *s["extra"], *(f"zuko-{peer}" for peer in s["peers"])]
+    result["table"] = summarise(result["runs"], specs)
+    path.write_text(json.dumps(result, indent=2))
+    (args.out / f"{NAME}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.refresh:
+        return refresh(args)
     if "fff" not in args.kinds:
         print("note: fff is not in --kinds; the table has no free-form flow row", file=sys.stderr)
     for spec in args.extra:
