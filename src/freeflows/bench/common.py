@@ -202,5 +202,8 @@ def main(
         options(p)
     args = vars(p.parse_args())
     out, quick = args.pop("out"), args.pop("quick")
-    result = run(out, quick=quick, **args)
+    try:
+        result = run(out, quick=quick, **args)
+    except (ValueError, FileNotFoundError) as err:  # a bad run directory: one line, no traceback
+        p.exit(2, f"{p.prog}: error: {str(err).strip().splitlines()[0]}\n")
     print(result.get("markdown", json.dumps(result, indent=2)))
