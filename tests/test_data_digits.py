@@ -183,3 +183,59 @@ def test_metrics_write_bits_per_dim_for_images(digits):
     assert metrics["test_bits_per_dim"] == pytest.approx(bits_per_dim(metrics["test_nll"], 64, 17))
     assert 0 < metrics["test_bits_per_dim"] < 8
     assert "test_bits_per_dim_paper" not in metrics  # only for models with the paper's variant
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.n_train=5000", "digits: n_train must be between 1 and 1257"),
+        ("data.options.colour=1", "data.options ['colour'] are not used by digits"),
+        ("data.options.preprocess=sigmoid", "unknown preprocess 'sigmoid'"),
+    ],
+)
+def test_bad_digits_config_is_one_line(capsys, tmp_path, override, needle):
+    from freeflows.cli import main
+
+    code = main(["train", "digits", "--set", override, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_registry_builds_the_conv_free_form_flow(digits):
+    from freeflows.experiments.config import load_config
+    from freeflows.runner.train import build
+
+    data, model = build(load_config("digits"))
+    assert isinstance(model, DequantizedImageModel)
+    assert isinstance(model.model, ff.FreeFormFlow) and model.model.event_shape == (1, 8, 8)
+    assert torch.equal(data.test.x, digits.test.x)
+
+
+@pytest.mark.slow
+def test_tiny_digits_run_writes_bits_per_dim(tmp_path, monkeypatch):
+    """A few steps of the digits preset through the CLI (small nets and a 40-draw mass estimate,
+    to stay short); metrics.json has test_bits_per_dim of the normalised density."""
+    import json
+
+    import freeflows.eval.metrics as metrics_module
+    from freeflows.cli import main
+
+    monkeypatch.setattr(metrics_module, "DEFAULT_DRAWS", 40)
+    out = tmp_path / "run"
+    overrides = [
+        "trainer.max_steps=6",
+        "trainer.progress_bar=false",
+        "trainer.val_every_epochs=1",
+        "data.n_train=256",
+        "model.fff-conv.hidden=8",
+        "model.fff-conv.blocks=1",
+    ]
+    args = ["train", "digits", *[a for o in overrides for a in ("--set", o)], "--out", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["n_test"] == 360 and m["nll_dims"] == 64
+    assert m["test_bits_per_dim"] == pytest.approx(bits_per_dim(m["test_nll"], 64, 17))
+    assert m["test_bits_per_dim_paper"] == pytest.approx(bits_per_dim(m["test_nll_paper"], 64, 17))
+    assert 0 < m["test_bits_per_dim"] < 8
+    assert (out / "samples.png").is_file()

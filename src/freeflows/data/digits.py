@@ -49,6 +49,9 @@ EVENT_SHAPE = (1, 8, 8)
 #: The logit pre-transform's margin.
 ALPHA = 0.05
 
+#: The options of :func:`load_digits` that ``data.options`` may set.
+OPTIONS: tuple[str, ...] = ("split_seed", "preprocess", "alpha")
+
 Preprocess = Literal["logit", "affine"]
 PREPROCESS: tuple[str, ...] = ("logit", "affine")
 

@@ -17,7 +17,7 @@ PARTICLES = ("dw4", "lj13")
 
 
 def data_names() -> list[str]:
-    return [*TOY, *PARTICLES, "sbi:<task>", "file"]
+    return [*TOY, *PARTICLES, "digits", "sbi:<task>", "file"]
 
 
 def file_data_section(
@@ -62,6 +62,13 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> DataSet:
 
         loader = particles.load_dw4 if name == "dw4" else particles.load_lj13
         return loader(seed=seed, n_train=data_cfg["n_train"], **options)
+    if name == "digits":  # a fixed split (data.options.split_seed); n_val and n_test are not used
+        from ..data.digits import OPTIONS, load_digits
+
+        if set(options) - set(OPTIONS):
+            unknown = sorted(set(options) - set(OPTIONS))
+            raise ValueError(f"data.options {unknown} are not used by digits; it takes {', '.join(OPTIONS)}")
+        return load_digits(data_cfg["n_train"], **options)
     if name.startswith("sbi:"):
         from ..data.sbi import load_sbi_task
 

@@ -292,6 +292,11 @@ def write_plots(run_dir: Path, model: nn.Module, data: DataSet) -> list[Path]:
                 run_dir / "distances.png",
             )
         )
+    elif data.kind == "image" and data.event_shape[0] == 1:  # grids of test images and draws
+        from ..plots.images import plot_image_grids
+
+        panels = {"test images": data.test.x[:64], "model samples": samples[:64]}
+        made = [plot_image_grids(panels, run_dir / "samples.png")]
     else:
         made = [
             plots.plot_density(model, data, run_dir / "density.png"),
