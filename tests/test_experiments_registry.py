@@ -25,6 +25,8 @@ def data_shape(cfg: dict) -> tuple[tuple[int, ...], int | None, dict | None]:
         sbibm = pytest.importorskip("sbibm")
         task = sbibm.get_task(name[4:])
         return (task.dim_parameters,), task.dim_data, None
+    if name == "digits":
+        return (1, 8, 8), None, None
     return (1,) if name == "gaussian-mixture-1d" else (2,), None, None
 
 
@@ -52,7 +54,7 @@ def _signature_defaults(constructor) -> dict:
 
 def test_defaults_are_the_constructors():
     defaults = model_defaults()
-    kinds = ["fff", "planar", "nice", "realnvp", "glow", "maf", "iaf", "cnf", "fff-egnn", "ecnf"]
+    kinds = ["fff", "planar", "nice", "realnvp", "glow", "maf", "iaf", "cnf", "fff-egnn", "ecnf", "fff-conv"]
     assert list(defaults) == kinds
     for name, kind in MODEL_KINDS.items():
         own = _signature_defaults(kind.constructor)

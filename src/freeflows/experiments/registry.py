@@ -208,12 +208,12 @@ register("planar", PlanarFlow)
 register("nice", NICE)
 register("realnvp", RealNVP)
 register("glow", Glow, event)
-register("fff-conv", FreeFormFlow.conv, event)
 register("maf", MAF)
 register("iaf", IAF)
 register("cnf", CNF, event)
 register("fff-egnn", FreeFormFlow.egnn, particles)
 register("ecnf", CNF.egnn, particles, passes=(CNF, SOLVER_OPTIONS))
+register("fff-conv", FreeFormFlow.conv, event)
 
 
 def model_kind(name: str) -> ModelKind:
