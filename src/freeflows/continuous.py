@@ -65,6 +65,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -326,6 +327,62 @@ class CNF(DensityModule):
         velocity = EGNNVelocity(n_particles, n_dims, hidden=hidden, layers=layers, attention=attention)
         return cls.from_velocity(velocity, MeanFreeNormal(n_particles, n_dims), **options)
 
+    @classmethod
+    @named_constructor
+    def molecules(
+        cls,
+        max_atoms: int,
+        atom_features: int,
+        n_dims: int = 3,
+        *,
+        hidden: int = 64,
+        layers: int = 4,
+        attention: bool = True,
+        **options: Any,
+    ) -> CNF:
+        r"""The equivariant CNF (E-NF) of molecules of up to ``max_atoms`` atoms, all sizes in
+        one padded batch: events ``[max_atoms, n_dims + atom_features]`` and the atom count as
+        the condition ``c`` (``[1]`` or ``[B, 1]``), as in
+        :meth:`freeflows.FreeFormFlow.molecules`. The field is a masked
+        :class:`~freeflows.nets.EGNNVelocity` on coordinates and features jointly, zero on the
+        padding and blind to it, and the latent is
+        :class:`~freeflows.distributions.MaskedMeanFreeNormal`; densities are with respect to
+        each row's :math:`(n-1)d + nk`-dimensional subspace (the trace on all coordinates equals
+        that on the subspace).
+
+        Args:
+            max_atoms: :math:`N`, the padded size.
+            atom_features: :math:`k`, invariant channels per atom.
+            n_dims: :math:`d`, coordinates per atom.
+            hidden: width of the EGNN.
+            layers: EGNN layers.
+            attention: gate the messages.
+            options: the ODE options of the class docstring (``trace``, ``solver``, ``rtol``, ...).
+
+        Returns:
+            The CNF; :func:`freeflows.save` can store it.
+
+        References:
+            Satorras, Hoogeboom, Fuchs, Posner and Welling, "E(n) Equivariant Normalizing Flows"
+            (2021), arXiv:2105.09016.
+
+        Example:
+            >>> import torch, freeflows as ff
+            >>> cnf = ff.CNF.molecules(5, atom_features=2, hidden=8, layers=1)
+            >>> x = cnf.sample(2, torch.tensor([3.0]))
+            >>> x.shape, bool((x[:, 3:] == 0).all())
+            (torch.Size([2, 5, 5]), True)
+        """
+        from .distributions import MaskedMeanFreeNormal
+        from .nets.egnn import EGNNVelocity
+
+        velocity = EGNNVelocity(
+            max_atoms, n_dims, hidden=hidden, layers=layers, attention=attention, features=atom_features,
+            masked=True,
+        )
+        latent = MaskedMeanFreeNormal(max_atoms, n_dims, atom_features)
+        return cls.from_velocity(velocity, latent, condition_dim=1, **options)
+
     def _setup(
         self,
         velocity: nn.Module,
@@ -395,6 +452,7 @@ class CNF(DensityModule):
         self.max_num_steps = max_num_steps
         self.counter = NFECounter()
         self._takes_c = takes_c
+        self._latent_takes_c = "c" in inspect.signature(latent.log_prob).parameters
         self._backward_mark = 0
         d = numel(self.event_shape)
         self._state_shape = self.event_shape if augment_dims == 0 else (d + augment_dims,)
@@ -460,9 +518,10 @@ class CNF(DensityModule):
         """
         return numel(self.event_shape)
 
-    def _latent_log_prob(self, z: Tensor) -> Tensor:
+    def _latent_log_prob(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         d = self.dim
-        out = self.latent.log_prob(z[:, :d].reshape(z.shape[0], *self.event_shape))
+        zx = z[:, :d].reshape(z.shape[0], *self.event_shape)
+        out = self.latent.log_prob(zx, c) if self._latent_takes_c else self.latent.log_prob(zx)
         if self.augment_dims:
             out = out + normal_log_prob(z[:, d:])
         return out
@@ -539,7 +598,7 @@ class CNF(DensityModule):
         z, ell, kinetic, jacobian = self.ode().solve_density(
             h, c, trace=trace, generator=generator, tolerances=tolerances
         )
-        log_prob = self._latent_log_prob(z) + ell
+        log_prob = self._latent_log_prob(z, c) + ell
         return {
             "z": z,
             "log_prob": log_prob,
@@ -659,9 +718,12 @@ class CNF(DensityModule):
         }
         return Loss(value, parts)
 
-    def _latent_draws(self, n: int, generator: torch.Generator | None) -> Tensor:
+    def _latent_draws(self, n: int, generator: torch.Generator | None, c: Tensor | None = None) -> Tensor:
         """``n`` flat latent draws ``[n, D + k]`` (with the augmented coordinates)."""
-        h = self.latent.sample(n, generator=generator).reshape(n, -1)
+        if self._latent_takes_c:  # a latent whose support depends on c (MaskedMeanFreeNormal)
+            h = self.latent.sample(n, c, generator=generator).reshape(n, -1)
+        else:
+            h = self.latent.sample(n, generator=generator).reshape(n, -1)
         return augment(h, self.augment_dims, generator)[0]
 
     def rsample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -684,7 +746,7 @@ class CNF(DensityModule):
         return super().rsample(n, c, generator)
 
     def _rsample(self, n: int, c: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        h = self._latent_draws(n, generator)
+        h = self._latent_draws(n, generator, c)
         x = self.ode().inverse(h, c)
         return x[:, : self.dim].reshape(n, *self.event_shape)
 
@@ -745,9 +807,9 @@ class CNF(DensityModule):
                 "sample_and_log_prob needs augment_dims = 0: the marginal density of augmented "
                 "draws is not available in closed form (log_prob gives a lower-bound estimate)"
             )
-        h = self._latent_draws(n, generator)
+        h = self._latent_draws(n, generator, c)
         x, ell, _, _ = self.ode().solve_density(h, c, reverse=True, generator=generator)
-        return x.reshape(n, *self.event_shape), self._latent_log_prob(h) - ell
+        return x.reshape(n, *self.event_shape), self._latent_log_prob(h, c) - ell
 
     def transform(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """The flow map data to latent, :math:`z = x(t_1)`, without the density.
