@@ -27,6 +27,8 @@ def data_shape(cfg: dict) -> tuple[tuple[int, ...], int | None, dict | None]:
         return (task.dim_parameters,), task.dim_data, None
     if name == "digits":
         return (1, 8, 8), None, None
+    if name == "qm9":
+        return (29, 9), 1, {"n_dims": 3}
     return (1,) if name == "gaussian-mixture-1d" else (2,), None, None
 
 
@@ -54,7 +56,8 @@ def _signature_defaults(constructor) -> dict:
 
 def test_defaults_are_the_constructors():
     defaults = model_defaults()
-    kinds = ["fff", "planar", "nice", "realnvp", "glow", "maf", "iaf", "cnf", "fff-egnn", "ecnf", "fff-conv"]
+    kinds = ["fff", "planar", "nice", "realnvp", "glow", "maf", "iaf", "cnf", "fff-egnn", "ecnf", "fff-conv",
+             "fff-molecules", "ecnf-molecules"]
     assert list(defaults) == kinds
     for name, kind in MODEL_KINDS.items():
         own = _signature_defaults(kind.constructor)

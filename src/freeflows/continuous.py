@@ -334,6 +334,7 @@ class CNF(DensityModule):
         max_atoms: int,
         atom_features: int,
         n_dims: int = 3,
+        condition_dim: int = 1,
         *,
         hidden: int = 64,
         layers: int = 4,
@@ -354,6 +355,7 @@ class CNF(DensityModule):
             max_atoms: :math:`N`, the padded size.
             atom_features: :math:`k`, invariant channels per atom.
             n_dims: :math:`d`, coordinates per atom.
+            condition_dim: condition features: 1, the atom count.
             hidden: width of the EGNN.
             layers: EGNN layers.
             attention: gate the messages.
@@ -376,6 +378,8 @@ class CNF(DensityModule):
         from .distributions import MaskedMeanFreeNormal
         from .nets.egnn import EGNNVelocity
 
+        if condition_dim != 1:
+            raise ValueError("CNF.molecules takes the atom count alone as its condition (condition_dim=1)")
         velocity = EGNNVelocity(
             max_atoms, n_dims, hidden=hidden, layers=layers, attention=attention, features=atom_features,
             masked=True,

@@ -456,6 +456,7 @@ class FreeFormFlow(DensityModule):
         max_atoms: int,
         atom_features: int,
         n_dims: int = 3,
+        condition_dim: int = 1,
         *,
         hidden: int = 64,
         layers: int = 4,
@@ -491,6 +492,8 @@ class FreeFormFlow(DensityModule):
             max_atoms: :math:`N`, the padded size.
             atom_features: :math:`k`, invariant channels per atom.
             n_dims: :math:`d`, coordinates per atom.
+            condition_dim: condition features, the atom count last (1: the count alone; more
+                columns are invariant conditions fed to every atom).
             hidden: width of the EGNNs.
             layers: EGNN layers per network.
             attention: gate the messages.
@@ -522,22 +525,25 @@ class FreeFormFlow(DensityModule):
         from .distributions import MaskedMeanFreeNormal
         from .nets.egnn import EGNN
 
-        sizes = (("max_atoms", max_atoms, 2), ("atom_features", atom_features, 0), ("n_dims", n_dims, 1))
+        sizes = (
+            ("max_atoms", max_atoms, 2), ("atom_features", atom_features, 0), ("n_dims", n_dims, 1),
+            ("condition_dim", condition_dim, 1),
+        )
         for name, value, least in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
         def net() -> EGNN:
             return EGNN(
-                max_atoms, n_dims, hidden, layers, attention, condition_dim=1, features=atom_features,
-                masked=True,
+                max_atoms, n_dims, hidden, layers, attention, condition_dim=condition_dim,
+                features=atom_features, masked=True,
             )
 
         flow = cls(
             net(),
             net(),
             MaskedMeanFreeNormal(max_atoms, n_dims, atom_features),
-            condition_dim=1,
+            condition_dim=condition_dim,
             beta=beta,
             hutchinson=hutchinson,
             hutchinson_samples=hutchinson_samples,

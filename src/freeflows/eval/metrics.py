@@ -292,6 +292,10 @@ def evaluate_model(
         mass_conditions: test conditions averaged over for a conditional model's mass.
     """
     model.eval()
+    molecules = data.kind == "molecules"
+    if molecules:  # an exact density costs Jacobians of N*(d+k) columns: a few rows, no mass
+        test_rows = data.meta["nll_rows"] if test_rows is None else test_rows
+        mass_samples, batch_size = 0, min(batch_size, 8)
     if data.kind == "particles":
         # Exact densities of equivariant nets hold [rows * D, N, N, hidden] tensors: bound memory.
         batch_size = min(batch_size, max(1, PARTICLE_ELEMENTS // int(torch.Size(data.event_shape).numel())))
@@ -360,6 +364,12 @@ def evaluate_model(
         from .bits import bits_metrics
 
         metrics.update(bits_metrics(metrics, data.meta, nll_dimensions(model, data)))
+    if molecules:  # EDM's metrics of generated molecules, and their speed
+        from .molecule_generation import molecule_generation_metrics, molecule_nll_metrics
+
+        metrics.update(molecule_nll_metrics(metrics["test_nll"], data, test.c))
+        metrics.update(molecule_generation_metrics(model, data, data.meta["eval_samples"]))
+        return metrics
     c0 = None if test.c is None else test.c[0]
     metrics["sample_seconds_per_sample"] = sampling_seconds_per_sample(model, 2000, c0)
     if data.kind == "particles" and "energy" in data.meta and particle_samples > 0:

@@ -17,7 +17,7 @@ PARTICLES = ("dw4", "lj13")
 
 
 def data_names() -> list[str]:
-    return [*TOY, *PARTICLES, "digits", "sbi:<task>", "file"]
+    return [*TOY, *PARTICLES, "digits", "qm9", "sbi:<task>", "file"]
 
 
 def file_data_section(
@@ -69,6 +69,11 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> DataSet:
             unknown = sorted(set(options) - set(OPTIONS))
             raise ValueError(f"data.options {unknown} are not used by digits; it takes {', '.join(OPTIONS)}")
         return load_digits(data_cfg["n_train"], **options)
+    if name == "qm9":  # EDM's splits (or the shipped slice); data.options: source, eval_samples, nll_rows
+        from ..data.molecule_events import load_qm9_events
+
+        sizes = data_cfg["n_train"], data_cfg["n_val"], data_cfg["n_test"]
+        return load_qm9_events(*sizes, seed=seed, **options)
     if name.startswith("sbi:"):
         from ..data.sbi import load_sbi_task
 

@@ -98,6 +98,27 @@ def particles(kind: str, event_shape: tuple[int, ...], meta: Mapping[str, Any] |
     return n, d
 
 
+def molecules(
+    kind: str, event_shape: tuple[int, ...], meta: Mapping[str, Any] | None
+) -> tuple[int, int, int]:
+    """``(max_atoms, atom_features, n_dims)`` of a molecule data set (events ``[N, d + k]``,
+    ``meta["n_dims"]`` the coordinates per atom).
+
+    Args:
+        kind: the model kind, for the message.
+        event_shape: the data set's event shape.
+        meta: the data set's ``meta`` with ``n_dims``.
+
+    Returns:
+        ``(N, k, d)``.
+    """
+    meta = meta or {}
+    if len(event_shape) != 2 or "n_dims" not in meta:
+        raise ValueError(f"model kind {kind!r} needs a molecule data set (data.name qm9)")
+    d = int(meta["n_dims"])
+    return int(event_shape[0]), int(event_shape[1]) - d, d
+
+
 def _keyword_defaults(constructor: Callable[..., Any]) -> tuple[dict[str, Any], set[str]]:
     """The keyword-only parameters of ``constructor`` with their defaults, and all its parameter
     names (to see whether it takes ``condition_dim``)."""
@@ -214,6 +235,8 @@ register("cnf", CNF, event)
 register("fff-egnn", FreeFormFlow.egnn, particles)
 register("ecnf", CNF.egnn, particles, passes=(CNF, SOLVER_OPTIONS))
 register("fff-conv", FreeFormFlow.conv, event)
+register("fff-molecules", FreeFormFlow.molecules, molecules)
+register("ecnf-molecules", CNF.molecules, molecules, passes=(CNF, SOLVER_OPTIONS))
 
 
 def model_kind(name: str) -> ModelKind:
