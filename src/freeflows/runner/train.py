@@ -271,6 +271,18 @@ def write_plots(run_dir: Path, model: nn.Module, data: DataSet) -> list[Path]:
     the test split, otherwise the density and sample plots; always the curves."""
     from .. import plots
 
+    if data.kind == "molecules":  # generated molecules (sizes from the training histogram) vs test
+        from ..eval.molecule_generation import generate
+        from ..plots.molecules import plot_molecule_grid, plot_molecule_histograms
+
+        pos, typ, _, _ = generate(model, data, min(500, len(data.test)), seed=1)
+        test = (data.meta["test_positions"], data.meta["test_types"])
+        made = [
+            plot_molecule_grid((pos, typ), test, run_dir / "molecules.png"),
+            plot_molecule_histograms((pos, typ), test, run_dir / "molecule_histograms.png"),
+            plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png"),
+        ]
+        return [p for p in made if p is not None]
     with torch.no_grad():
         samples = model.sample(min(5000, len(data.test)), None if data.test.c is None else data.test.c[0])
     if data.kind == "particles":
