@@ -1,0 +1,96 @@
+"""The qm9 data set of the tool, the molecule evaluation and the qm9 presets (the slow test trains
+the preset on the shipped slice through the CLI and reads its metrics.json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from freeflows.data.molecule_events import load_qm9_events
+from freeflows.eval.molecule_generation import draw_counts, molecule_generation_metrics
+from freeflows.experiments.config import load_config
+from freeflows.experiments.registry import build_model
+from freeflows.point_clouds import node_mask
+
+
+def slice_data(**options):
+    return load_qm9_events(200, 32, 50, seed=0, **{"source": "slice", **options})
+
+
+def test_qm9_slice_events():
+    data = slice_data(eval_samples=20, nll_rows=3)
+    assert data.kind == "molecules" and data.event_shape == (29, 9) and data.condition_dim == 1
+    assert (len(data.train), len(data.val), len(data.test)) == (200, 32, 50)
+    x, c = data.train.x, data.train.c
+    mask = node_mask(c, 29)
+    assert bool((x[~mask] == 0).all())
+    centre = (x[..., :3] * mask.unsqueeze(-1)).sum(1) / c
+    assert centre.abs().max() < 1e-4
+    # the atom types come back from the dequantised channels
+    types = data.meta["encoding"].decode(x[..., 3:], mask)
+    from freeflows.data.qm9 import qm9_slice
+
+    assert torch.equal(types, qm9_slice("train")[:200].types)
+    assert float(data.meta["count_histogram"].sum()) == pytest.approx(1.0)
+
+
+def test_qm9_bad_options_are_one_line():
+    with pytest.raises(ValueError, match="source must be qm9 or slice") as err:
+        slice_data(source="web")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="nll_rows must be an integer >= 1"):
+        slice_data(nll_rows=0)
+    with pytest.raises(ValueError, match="not used by qm9"):
+        slice_data(samples=3)
+
+
+def test_counts_follow_the_histogram():
+    hist = torch.tensor([0.0, 0.0, 0.0, 0.25, 0.75])
+    counts = draw_counts(hist, 20000, torch.Generator().manual_seed(0))
+    share = float((counts == 4).double().mean())
+    # standard error of the share: sqrt(0.75 * 0.25 / 20000) ~ 0.003
+    assert abs(share - 0.75) < 5 * (0.75 * 0.25 / 20000) ** 0.5 and set(counts.tolist()) == {3, 4}
+
+
+@pytest.mark.parametrize("preset", ["qm9", "qm9-ecnf"])
+def test_generation_metrics_of_an_untrained_model(preset):
+    data = slice_data()
+    cfg = load_config(preset)
+    kind = cfg["model"]["kind"]
+    options = {**cfg["model"][kind], "hidden": 8, "layers": 1}
+    model = build_model({"kind": kind, kind: options}, data.event_shape, 1, data.meta)
+    metrics = molecule_generation_metrics(model, data, 10, batch_size=5)
+    for key in ("atom_stability", "molecule_stability", "validity", "uniqueness", "novelty",
+                "molecules_per_second", "stable_molecules_per_second", "data_molecule_stability"):
+        assert key in metrics
+    assert metrics["n_generated"] == 10 and metrics["data_n_molecules"] == 10
+    assert metrics["molecules_per_second"] > 0
+    assert metrics["data_atom_stability"] > 0.9  # QM9 itself, under the bond-length rules
+
+
+@pytest.mark.slow
+def test_qm9_preset_trains_on_the_slice(tmp_path):
+    """The qm9 preset trains a few steps on the shipped slice through the CLI and writes EDM's
+    metrics, the data row, the speed and the NLL to metrics.json, and the molecule plots."""
+    out = tmp_path / "run"
+    sets = [
+        "data.options.source=slice", "data.n_train=200", "data.n_val=32", "data.n_test=60",
+        "data.options.eval_samples=60", "data.options.nll_rows=2", "trainer.max_steps=10",
+        "model.fff-molecules.hidden=16", "model.fff-molecules.layers=2",
+    ]
+    cmd = [sys.executable, "-m", "freeflows.cli", "train", "qm9", "--out", str(out), "--threads", "1"]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, timeout=170, capture_output=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_nll", "test_nll_joint", "test_nll_types_bound", "nll_density", "atom_stability",
+                "molecule_stability", "validity", "uniqueness", "novelty", "molecules_per_second",
+                "stable_molecules_per_second", "data_atom_stability", "data_validity"):
+        assert key in metrics, key
+    assert metrics["n_generated"] == 60 and metrics["steps"] == 10
+    assert metrics["test_nll_unsolved"] == 0
+    assert (out / "molecules.png").is_file() and (out / "molecule_histograms.png").is_file()
