@@ -40,6 +40,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -104,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="digits")
     p.add_argument("--image", type=Path, default=ROOT.parent / "docs" / "img" / "digits-samples.png")
     p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the Markdown")
+    p.add_argument(
+        "--weights", type=Path, default=None, help="save the trained models' weights and training record here"
+    )
+    p.add_argument("--evaluate-only", action="store_true", help="load --weights instead of training")
     args = p.parse_args(argv)
     if args.cpu_seconds <= 0 or args.slice <= 0 or args.batch_size < 1 or args.sample_repeats < 1:
         p.error("--cpu-seconds, --slice, --batch-size and --sample-repeats must be positive")
@@ -181,7 +186,9 @@ def evaluate(contenders: list[Contender], test: Tensor) -> dict[str, dict[str, A
         if hasattr(c.model, "diagnostics"):
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                row["reconstruction"] = float(c.model.diagnostics(test)["reconstruction"])
+                diagnostics = c.model.diagnostics(test)
+            if "reconstruction" in diagnostics:
+                row["reconstruction"] = float(diagnostics["reconstruction"])
         out[c.name] = row
     ref = contenders[0].name
     for name, log_q in values.items():
@@ -297,7 +304,23 @@ def main(argv: list[str] | None = None) -> int:
         budget="cpu", slice_cpu_seconds=args.slice,
     )
     wall = time.perf_counter()
-    trainees = train_side_by_side(contenders, data.train.x, settings, args.seed)
+    if args.evaluate_only:
+        saved = torch.load(args.weights, weights_only=False)
+        trainees = []
+        for c in contenders:
+            record = saved[c.name]
+            c.model.load_state_dict(record.pop("state_dict"))
+            c.model.eval()
+            trainees.append(SimpleNamespace(contender=c, **record))
+    else:
+        trainees = train_side_by_side(contenders, data.train.x, settings, args.seed)
+        if args.weights is not None:
+            fields = ("steps", "cpu_seconds", "diverged", "nonfinite_total", "last_losses")
+            records = {}
+            for t in trainees:
+                state = t.contender.model.state_dict()
+                records[t.contender.name] = {"state_dict": state, **{k: getattr(t, k) for k in fields}}
+            torch.save(records, args.weights)
     for t in trainees:
         print(f"trained {t.contender.name}: {t.steps} steps, {t.cpu_seconds:.0f} CPU-s", flush=True)
     test = evaluate(contenders, data.test.x)
