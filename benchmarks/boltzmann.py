@@ -271,7 +271,8 @@ def evaluate_trained(preset: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sampling_ratio(presets: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    """Median time of ``sample(batch)`` of each trained model, interleaved repeats."""
+    """Median CPU time (:func:`time.process_time`, one thread) of ``sample(batch)`` of each
+    trained model, interleaved repeats."""
     from freeflows.runner.train import load_run
 
     models = [load_run(args.runs / p)[2] for p in presets]
@@ -281,9 +282,9 @@ def sampling_ratio(presets: tuple[str, str], args: argparse.Namespace) -> dict[s
             m.sample(16)
         for _ in range(args.speed_repeats):
             for i, m in enumerate(models):
-                t = time.perf_counter()
+                t = time.process_time()
                 m.sample(args.speed_batch)
-                times[i].append(time.perf_counter() - t)
+                times[i].append(time.process_time() - t)
         nfe = None
         if hasattr(models[1], "reset_nfe"):
             models[1].reset_nfe()
@@ -403,7 +404,7 @@ def report(args: argparse.Namespace) -> None:
             f"{_fmt(r.get('sample_energy_mean'), '.3g')} / {_fmt(r.get('sample_energy_median'), '.3g')} "
             f"({r['data_energy_mean']:.1f}) | {1e6 * r['sample_seconds_per_sample']:.0f} |"
         )
-    speed = ["| system | batch | free-form flow s | CNF s | CNF NFE per solve | CNF / free-form |"]
+    speed = ["| system | batch | free-form flow CPU s | CNF CPU s | CNF NFE per solve | CNF / free-form |"]
     speed += ["|---|---:|---:|---:|---:|---:|"]
     speed += [
         f"| {sp['system'].upper()} | {sp['batch']} | {sp['fff_seconds']:.4f} | {sp['ecnf_seconds']:.3f} | "
