@@ -64,8 +64,16 @@ def test_generation_metrics_of_an_untrained_model(preset):
     options = {**cfg["model"][kind], "hidden": 8, "layers": 1}
     model = build_model({"kind": kind, kind: options}, data.event_shape, 1, data.meta)
     metrics = molecule_generation_metrics(model, data, 10, batch_size=5)
-    for key in ("atom_stability", "molecule_stability", "validity", "uniqueness", "novelty",
-                "molecules_per_second", "stable_molecules_per_second", "data_molecule_stability"):
+    for key in (
+        "atom_stability",
+        "molecule_stability",
+        "validity",
+        "uniqueness",
+        "novelty",
+        "molecules_per_second",
+        "stable_molecules_per_second",
+        "data_molecule_stability",
+    ):
         assert key in metrics
     assert metrics["n_generated"] == 10 and metrics["data_n_molecules"] == 10
     assert metrics["molecules_per_second"] > 0
@@ -78,19 +86,59 @@ def test_qm9_preset_trains_on_the_slice(tmp_path):
     metrics, the data row, the speed and the NLL to metrics.json, and the molecule plots."""
     out = tmp_path / "run"
     sets = [
-        "data.options.source=slice", "data.n_train=200", "data.n_val=32", "data.n_test=60",
-        "data.options.eval_samples=60", "data.options.nll_rows=2", "trainer.max_steps=10",
-        "model.fff-molecules.hidden=16", "model.fff-molecules.layers=2",
+        "data.options.source=slice",
+        "data.n_train=200",
+        "data.n_val=32",
+        "data.n_test=60",
+        "eval.samples=60",
+        "data.options.nll_rows=2",
+        "trainer.max_steps=10",
+        "model.fff-molecules.hidden=16",
+        "model.fff-molecules.layers=2",
     ]
     cmd = [sys.executable, "-m", "freeflows.cli", "train", "qm9", "--out", str(out), "--threads", "1"]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True, timeout=170, capture_output=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("test_nll", "test_nll_joint", "test_nll_types_bound", "nll_density", "atom_stability",
-                "molecule_stability", "validity", "uniqueness", "novelty", "molecules_per_second",
-                "stable_molecules_per_second", "data_atom_stability", "data_validity"):
+    for key in (
+        "test_nll",
+        "test_nll_joint",
+        "test_nll_types_bound",
+        "nll_density",
+        "atom_stability",
+        "molecule_stability",
+        "validity",
+        "uniqueness",
+        "novelty",
+        "molecules_per_second",
+        "stable_molecules_per_second",
+        "data_atom_stability",
+        "data_validity",
+    ):
         assert key in metrics, key
     assert metrics["n_generated"] == 60 and metrics["steps"] == 10
     assert metrics["test_nll_unsolved"] == 0
     assert (out / "molecules.png").is_file() and (out / "molecule_histograms.png").is_file()
+
+
+def test_generated_molecules_are_set_by_eval_samples(tmp_path):
+    """eval.samples is the one key for the number of molecules scored; data.options.eval_samples
+    is a one-line error naming it."""
+    from freeflows.experiments.config import ConfigError, validate
+    from freeflows.runner.train import build
+
+    cfg = load_config(
+        "qm9",
+        ["data.options.source=slice", "data.n_train=50", "data.n_val=16", "data.n_test=20", "eval.samples=7"],
+    )
+    data, _ = build(cfg)
+    assert data.meta["eval_samples"] == 7
+    bad = load_config(
+        "qm9",
+        ["data.options.source=slice", "data.n_train=50", "data.n_val=16", "data.options.eval_samples=7"],
+    )
+    with pytest.raises(ValueError, match="eval.samples"):
+        build(bad)
+    with pytest.raises(ConfigError, match="eval.samples"):
+        validate(load_config("qm9", ["eval.samples=-1"]))

@@ -61,6 +61,9 @@ def default_config() -> dict[str, Any]:
             "threads": None,
             "checkpoint_every_steps": 200,
         },
+        # draws scored by sample-based metrics: for molecules, EDM's metrics of this many generated
+        # molecules and the data row on as many test molecules
+        "eval": {"samples": 10_000},
         # model.<kind>.beta: auto adapts beta to hold `metric` at `target` (freeflows.runner.beta)
         "beta_auto": {
             "start": 10.0,
@@ -224,6 +227,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1 or null, got {epochs!r}")
     if cfg["optim"]["lr"] <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
+    samples = cfg["eval"]["samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"eval.samples must be an integer >= 0, got {samples!r}")
     threads = cfg["trainer"]["threads"]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"trainer.threads must be an integer >= 1 or null (torch's), got {threads!r}")

@@ -69,8 +69,11 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> DataSet:
             unknown = sorted(set(options) - set(OPTIONS))
             raise ValueError(f"data.options {unknown} are not used by digits; it takes {', '.join(OPTIONS)}")
         return load_digits(data_cfg["n_train"], **options)
-    if name == "qm9":  # EDM's splits (or the shipped slice); data.options: source, eval_samples, nll_rows
+    if name == "qm9":  # EDM's splits (or the shipped slice); data.options: source, nll_rows
         from ..data.molecule_events import load_qm9_events
+
+        if "eval_samples" in options:
+            raise ValueError("the number of generated molecules to score is eval.samples, not data.options")
 
         sizes = data_cfg["n_train"], data_cfg["n_val"], data_cfg["n_test"]
         return load_qm9_events(*sizes, seed=seed, **options)

@@ -51,6 +51,8 @@ def _quiet_lightning() -> None:
 
 def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
     data = build_data(cfg["data"], cfg["seed"])
+    if "eval_samples" in data.meta:  # the data set scores generated draws (molecules)
+        data.meta["eval_samples"] = cfg["eval"]["samples"]
     torch.manual_seed(cfg["seed"])
     model = build_model(model_section(cfg), data.event_shape, data.condition_dim, meta=data.meta)
     if data.wrap_model is not None:  # e.g. a user's file: the model learns standardised values
