@@ -117,15 +117,19 @@ class AdaptiveBeta(Callback):
         return model
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Set the model's β to the checkpoint's on resume, then clip it to ``[beta_min, beta_max]``."""
         model = self._model(pl_module)
         if self._restored is not None:  # resumed: continue from the checkpoint's beta
             model.beta = self._restored
         model.beta = min(self.beta_max, max(self.beta_min, float(model.beta)))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Log the model's current β as ``beta`` at every training step."""
         pl_module.log("beta", float(self._model(pl_module).beta), on_step=True, on_epoch=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Update β from the validation's ``metric`` (not during the sanity check) and record it in
+        :attr:`history`; a ``ValueError`` if the model does not log ``metric``."""
         if trainer.sanity_checking:
             return
         if self.metric not in trainer.callback_metrics:
@@ -139,10 +143,12 @@ class AdaptiveBeta(Callback):
         self.history.append((int(trainer.global_step), model.beta))
 
     def state_dict(self) -> dict[str, Any]:
+        """The latest β and the update history, saved in the checkpoint."""
         beta = self.history[-1][1] if self.history else self._restored
         return {"beta": beta, "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history and the β that :meth:`on_train_start` gives the model on resume."""
         self.history = [(int(s), float(b)) for s, b in state_dict.get("history", [])]
         beta = state_dict.get("beta")
         self._restored = None if beta is None else float(beta)

@@ -46,6 +46,7 @@ class TrainingInterrupted(Exception):
 
     @property
     def exit_status(self) -> int:
+        """The command's exit status, ``128 + signum``."""
         return 128 + self.signum
 
 
@@ -110,12 +111,15 @@ class RunCheckpoint(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Once :meth:`install` has run, make SIGINT/SIGTERM stop the run after the current batch."""
         # Lightning sets its own SIGTERM handler when fit starts; ours replaces it while training.
         self._set(self._stop_after_batch)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Write ``last.ckpt`` when a periodic or the last step is due or a signal came, then raise
+        :class:`TrainingInterrupted` for a signal (the stop is agreed across DDP ranks)."""
         stop = self.signum is not None
         if trainer.world_size > 1:  # every rank stops after the same batch
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -127,11 +131,13 @@ class RunCheckpoint(Callback):
             raise TrainingInterrupted(self.signum if self.signum is not None else signal.SIGINT, step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Write ``last.ckpt`` if the last step is not saved yet; signals stop the run at once again."""
         if int(trainer.global_step) != self._saved_step:  # e.g. early stopping at an epoch's end
             self.save(trainer)
         self._set(self._stop_now)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Make signals stop at once again when training fails."""
         self._set(self._stop_now)
 
     def save(self, trainer: Any) -> None:
@@ -145,6 +151,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     never leaves a truncated checkpoint where a good one was."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write the checkpoint to ``<path>.tmp``, fsync it and rename it to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -155,6 +162,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Read a checkpoint onto the CPU with :func:`read_checkpoint`."""
         return read_checkpoint(Path(path))
 
 
@@ -194,18 +202,22 @@ class CSVMetricsLogger(Logger):
 
     @property
     def name(self) -> str:
+        """The logger's name, ``"csv"``."""
         return "csv"
 
     @property
     def version(self) -> int:
+        """The logger's version, always ``0``."""
         return 0
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Do nothing: the hyperparameters are in the run's ``config.yaml``."""
         pass
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Append a ``step,metric,value`` row per metric but ``epoch`` (a new file gets a header)."""
         new = not self.path.is_file()
         with open(self.path, "a", newline="") as fh:
             writer = csv.writer(fh)

@@ -66,6 +66,8 @@ class SplitDataModule(L.LightningDataModule):
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of the training split in :class:`EpochShuffle` order for this rank, the last partial
+        batch dropped."""
         ds = _tensors(self.data.train)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         epoch = (lambda: self.trainer.current_epoch) if self.trainer else (lambda: 0)
@@ -73,8 +75,17 @@ class SplitDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Batches of the validation split, in order."""
         return DataLoader(_tensors(self.data.val), batch_size=self.val_batch_size, shuffle=False)
 
 
 def unpack(batch: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a loader's batch into values and conditions.
+
+    Args:
+        batch: ``[x]`` or ``[x, c]``, as a :class:`~torch.utils.data.TensorDataset` yields it.
+
+    Returns:
+        ``(x, c)``, with ``c`` ``None`` for a batch without conditions.
+    """
     return batch[0], (batch[1] if len(batch) > 1 else None)

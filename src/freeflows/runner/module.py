@@ -59,6 +59,17 @@ def make_scheduler(
 
 
 class FlowModule(L.LightningModule):
+    """Trains a model through its ``loss`` with Adam and a per-step schedule, skipping batches whose
+    loss or gradient is non-finite, and validates it by ``log_prob`` (see the module docstring).
+
+    Args:
+        model: any model with the contract's ``loss`` and ``log_prob``.
+        optim_cfg: the config's ``optim`` section (``lr``, ``weight_decay``, ``grad_clip``, the schedule).
+        max_steps: the run's number of optimiser steps, the schedule's length by default.
+        max_nonfinite: batches in a row with a non-finite loss or gradient before a
+            :class:`~freeflows.runner.callbacks.DivergenceError`.
+        seed: the run's seed, from which every step's and validation batch's randomness is drawn.
+    """
     def __init__(
         self,
         model: nn.Module,
@@ -81,6 +92,7 @@ class FlowModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        """Adam over the model's parameters, with :func:`make_scheduler` stepped every step."""
         opt = torch.optim.Adam(
             self.model.parameters(), lr=self.optim_cfg["lr"], weight_decay=self.optim_cfg["weight_decay"]
         )
@@ -109,6 +121,8 @@ class FlowModule(L.LightningModule):
             )
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """One manual optimisation step on the model's loss, reseeded from (seed, step, rank), skipping
+        the batch on every rank if the loss or a gradient is non-finite."""
         x, c = unpack(batch)
         # The step's random draws (Hutchinson probes, ...) depend only on (seed, step, retry, rank),
         # so a resumed run draws exactly what the uninterrupted run drew. A skipped batch does not
@@ -150,6 +164,8 @@ class FlowModule(L.LightningModule):
 
     # -- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Log ``val/nll`` (over rows whose ``log_prob`` is not NaN), ``val/unsolved`` and the model's
+        optional diagnostics and ``val/inverse_defect``."""
         x, c = unpack(batch)
         extra = {}
         try:
@@ -175,16 +191,19 @@ class FlowModule(L.LightningModule):
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        """Start the training clock."""
         self._t0 = time.perf_counter()
 
     def _elapsed(self) -> float:
         return self.train_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def on_train_end(self) -> None:
+        """Add this session's time to :attr:`train_seconds` and stop the clock."""
         self.train_seconds = self._elapsed()
         self._t0 = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the training time and the non-finite batch counts under ``checkpoint["freeflows"]``."""
         checkpoint["freeflows"] = {
             "train_seconds": self._elapsed(),
             "nonfinite_total": self.nonfinite_total,
@@ -192,6 +211,7 @@ class FlowModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the training time and the non-finite batch counts on resume."""
         state = checkpoint.get("freeflows", {})
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))

@@ -62,12 +62,15 @@ class StepProgressBar(ProgressBar):
 
     # -- the ProgressBar interface --------------------------------------------------------------
     def disable(self) -> None:
+        """Turn the display off (Lightning calls it on non-zero ranks)."""
         self._enabled = False
 
     def enable(self) -> None:
+        """Turn the display back on."""
         self._enabled = True
 
     def print(self, *args: Any, **kwargs: Any) -> None:
+        """Print a message without breaking the bar (through tqdm when the bar is shown)."""
         if self._bar is not None:
             self._bar.write(" ".join(map(str, args)), file=self._stream)
         else:
@@ -75,6 +78,8 @@ class StepProgressBar(ProgressBar):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """On rank 0, open the tqdm bar (on a terminal) or set up the log lines, starting at the run's
+        current step."""
         if not (self._enabled and trainer.is_global_zero):
             return
         self._stream = self._stream_arg or sys.stderr
@@ -100,6 +105,8 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Advance the bar with the latest metrics, or, without a terminal, write a line when the next
+        ``log_fraction`` mark or ``log_seconds`` is reached."""
         if not (self._enabled and trainer.is_global_zero) or self._total == 0:
             return
         step = int(trainer.global_step)
@@ -117,9 +124,11 @@ class StepProgressBar(ProgressBar):
             self._next_mark = (step // step_mark + 1) * step_mark
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Close the bar, or write a line for the step where the run ended if none was written for it."""
         self._close(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Close the bar, or write a line for the step where the run stopped if none was written for it."""
         self._close(trainer)
 
     # -- helpers --------------------------------------------------------------------------------

@@ -50,6 +50,16 @@ def _quiet_lightning() -> None:
 
 
 def build(cfg: dict[str, Any]) -> tuple[DataSet, nn.Module]:
+    """Build a config's data set and model: torch is seeded with ``seed`` before the model is built,
+    which the data set's ``wrap_model`` wraps if it has one, and the dtypes are checked. A data set
+    that scores generated draws gets ``eval.samples`` as ``meta["eval_samples"]``.
+
+    Args:
+        cfg: a validated config.
+
+    Returns:
+        ``(data, model)``.
+    """
     data = build_data(cfg["data"], cfg["seed"])
     if "eval_samples" in data.meta:  # the data set scores generated draws (molecules)
         data.meta["eval_samples"] = cfg["eval"]["samples"]
@@ -221,6 +231,15 @@ def interrupted_message(run_dir: Path | None) -> str:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a run checkpoint's model weights (the ``model.*`` entries of its state dict) into ``model``.
+
+    Args:
+        model: the model built from the run's config.
+        path: a ``.ckpt`` file written by the runner.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or its weights do not fit the model.
+    """
     ckpt = read_checkpoint(path)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
