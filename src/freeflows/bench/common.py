@@ -85,6 +85,11 @@ def op_profile(fn: Callable[[], Any], calls: int = 3, top: int = 6) -> dict[str,
 
 
 def median(xs: list[float]) -> float:
+    """The median of ``xs`` (``statistics.median``).
+
+    Args:
+        xs: times, or any numbers.
+    """
     return statistics.median(xs)
 
 
@@ -103,6 +108,17 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 
 def write(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> dict[str, Any]:
+    """Write a benchmark's result files ``<name>.json`` and ``<name>.md`` to ``out_dir`` (created if missing).
+
+    Args:
+        out_dir: the results directory.
+        name: the benchmark's name, the files' stem.
+        payload: the JSON payload.
+        markdown: the Markdown report.
+
+    Returns:
+        ``payload``, unchanged.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -111,12 +127,24 @@ def write(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table.
+
+    Args:
+        header: the column titles.
+        rows: the cells of each row, written with ``str``.
+    """
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def fmt(x: float, digits: int = 3) -> str:
+    """A number for a table: ``–`` for NaN, no decimals from 100 on, else ``digits`` significant digits.
+
+    Args:
+        x: the number.
+        digits: significant digits below 100.
+    """
     if x != x:  # nan
         return "–"
     if abs(x) >= 100:

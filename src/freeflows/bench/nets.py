@@ -35,6 +35,13 @@ def flow(dim: int, surrogate: str = "vjp", seed: int = 0) -> FreeFormFlow:
 
 
 def exact_batch(dim: int, batch: int = BATCH) -> int:
+    """The batch the exact-likelihood steps run on: ``batch`` up to D = 128, at most
+    :data:`EXACT_LARGE_D_BATCH` above.
+
+    Args:
+        dim: the data dimension D.
+        batch: the batch of the other variants.
+    """
     return batch if dim <= 128 else min(batch, EXACT_LARGE_D_BATCH)
 
 

@@ -83,6 +83,14 @@ SEED = 0
 
 
 def sampler(kind: str, dim: int, n: int) -> Callable[[], Any]:
+    """A call that draws ``n`` samples under ``torch.no_grad()`` from a model built with the registry's
+    defaults (seed 0); a variant with refinement steps gets random weights so that every step runs.
+
+    Args:
+        kind: a model kind, or a row name of :data:`VARIANTS`.
+        dim: the data dimension D.
+        n: samples per call.
+    """
     from ..experiments.registry import build_model
 
     base, options = VARIANTS.get(kind, (kind, {}))

@@ -49,6 +49,16 @@ def grad_step(variant: str, dim: int, compile_loss: bool = False) -> Callable[[]
 
 
 def try_compile(dim: int, repeats: int) -> dict[str, Any]:
+    """``torch.compile`` (inductor) the loss of ``fff_vjp``, ``fff_jvp`` and ``ae`` and time each against
+    its eager step; a variant that fails to compile records its error instead.
+
+    Args:
+        dim: the data dimension D.
+        repeats: interleaved repeats of the timing.
+
+    Returns:
+        ``{"D", "backend", "<variant>+compile": "ok" or "error: ...", "ms": {step: median ms}}``.
+    """
     out: dict[str, Any] = {"D": dim, "backend": "inductor"}
     fns: dict[str, Callable[[], None]] = {}
     for variant in ("fff_vjp", "fff_jvp", "ae"):
@@ -69,6 +79,16 @@ def try_compile(dim: int, repeats: int) -> dict[str, Any]:
 
 
 def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
+    """Time loss + backward of the ``vjp`` and ``jvp`` surrogates and the autoencoder floor at every D,
+    try ``torch.compile`` at D = :data:`COMPILE_DIM`, and write the result files.
+
+    Args:
+        out_dir: results directory; ``surrogate_modes.json`` and ``.md`` are written there.
+        quick: D = 2 and 32 only, 4 repeats (3 for the compiled timing; a smoke run).
+
+    Returns:
+        The JSON payload, with its Markdown tables under ``"markdown"``.
+    """
     common.setup()
     env_start = common.environment()
     rows = []
@@ -105,6 +125,11 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
 
 
 def markdown(p: dict[str, Any]) -> str:
+    """The Markdown report: times and ratios per D, then the ``torch.compile`` table.
+
+    Args:
+        p: the payload of :func:`run`.
+    """
     f = common.fmt
     head = ["D", "hidden", "vjp [ms]", "jvp [ms]", "AE [ms]", "jvp/vjp", "vjp/AE", "jvp/AE"]
     rows = [

@@ -48,6 +48,16 @@ def op_counts(dim: int, steps: int = 3) -> dict[str, Any]:
 
 
 def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str, Any]:
+    """Time one training step of every variant at every D, measure its peak memory, profile the
+    operators, and write the result files.
+
+    Args:
+        out_dir: results directory; ``train_step.json`` and ``.md`` are written there.
+        quick: D = 2 and 32 only, 4 repeats, the profile at D = 2 only (a smoke run).
+
+    Returns:
+        The JSON payload, with its Markdown table under ``"markdown"``.
+    """
     common.setup()
     env_start = common.environment()
     dims = (2, 32) if quick else DIMS
@@ -98,6 +108,11 @@ def run(out_dir: str = str(common.DEFAULT_OUT), quick: bool = False) -> dict[str
 
 
 def markdown(p: dict[str, Any]) -> str:
+    """The Markdown report: times, ratios and peak memory of the variants per D.
+
+    Args:
+        p: the payload of :func:`run`.
+    """
     f = common.fmt
     head = [
         "D",
