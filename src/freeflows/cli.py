@@ -346,6 +346,16 @@ def _missing_extra(err: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``freeflows`` command and turn its failures into one line on stderr.
+
+    Args:
+        argv: the arguments after ``freeflows``; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: the command's own, 1 when training diverges or a solve fails, 2 for a user's
+        mistake or a missing extra, ``128 + signum`` when a signal stops training, 130 on Ctrl-C
+        otherwise.
+    """
     args = _parser().parse_args(argv)
     try:
         from .contract import NumericalError

@@ -198,6 +198,7 @@ class DequantizedImageModel(nn.Module):
 
     @property
     def condition_dim(self) -> int | None:
+        """The inner model's ``condition_dim`` (``None`` if it has none)."""
         return getattr(self.model, "condition_dim", None)
 
     @property
@@ -207,6 +208,7 @@ class DequantizedImageModel(nn.Module):
 
     @property
     def divergence_hint(self) -> str | None:
+        """The inner model's ``divergence_hint`` (``None`` if it has none)."""
         return getattr(self.model, "divergence_hint", None)
 
     def __getattr__(self, name: str) -> Any:

@@ -29,11 +29,29 @@ class GaussianMixture:
         self.weights = weights.double() / weights.sum()
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` draws of the mixture, as float32 (computed in float64).
+
+        Args:
+            n: number of draws.
+            generator: the random generator; the draws are deterministic given it.
+
+        Returns:
+            ``Tensor[n, D]``.
+        """
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
         return (self.means[k] + self.stds[k, None] * eps).float()
 
     def log_prob(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        r"""The exact log-density :math:`\log p(x)`, computed and returned in float64.
+
+        Args:
+            x: points, ``Tensor[n, D]``.
+            c: ignored (the mixture is unconditional); there for the ``log_prob(x, c)`` signature.
+
+        Returns:
+            ``Tensor[n]``.
+        """
         x = x.double()
         d = x.shape[1]
         sq = (x[:, None, :] - self.means[None]).square().sum(-1)  # [n, K]

@@ -78,6 +78,7 @@ def default_config() -> dict[str, Any]:
 
 
 def preset_dir() -> Path:
+    """The directory of the shipped preset files ``<name>.yaml`` (``freeflows/presets``)."""
     return Path(str(resources.files("freeflows") / "presets"))
 
 
@@ -236,4 +237,10 @@ def validate(cfg: dict[str, Any]) -> None:
 
 
 def save_config(cfg: dict[str, Any], path: Path) -> None:
+    """Write a config as YAML, its keys in order (a run's ``config.yaml``).
+
+    Args:
+        cfg: the config.
+        path: the file to write.
+    """
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

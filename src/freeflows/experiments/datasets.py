@@ -17,6 +17,8 @@ PARTICLES = ("dw4", "lj13")
 
 
 def data_names() -> list[str]:
+    """The values ``data.name`` accepts (the error for an unknown data set lists them): the toy sets,
+    the particle systems, ``digits``, ``qm9``, ``sbi:<task>`` and ``file``."""
     return [*TOY, *PARTICLES, "digits", "qm9", "sbi:<task>", "file"]
 
 

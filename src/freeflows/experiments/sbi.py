@@ -80,6 +80,13 @@ def check_arguments(
 
 
 def default_run_dir(task: str, budget: int, method: str) -> Path:
+    """The run directory used when none is given: ``runs/sbi-<task>-<budget>-<method>-<timestamp>``.
+
+    Args:
+        task: the sbibm task.
+        budget: the simulation budget.
+        method: the inference method.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"sbi-{task}-{budget}-{method}-{stamp}"
 

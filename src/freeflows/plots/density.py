@@ -110,6 +110,14 @@ def plot_samples(samples: torch.Tensor, data: DataSet, path: Path) -> Path | Non
 
 
 def read_curves(csv_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Read a run's ``metrics.csv`` (rows ``step,metric,value``) into one curve per metric.
+
+    Args:
+        csv_path: the ``metrics.csv`` file.
+
+    Returns:
+        ``{metric: (steps, values)}``, in the file's order.
+    """
     curves: dict[str, tuple[list[int], list[float]]] = {}
     with open(csv_path, newline="") as fh:
         for row in csv.DictReader(fh):
