@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .geometry import center
+
 
 def atom_counts(c: Tensor, max_points: int) -> Tensor:
     """The number of real atoms of each row, read from the last column of ``c``.
@@ -112,9 +114,9 @@ def project(x: Tensor, c: Tensor, n_dims: int) -> Tensor:
     n_max = x.shape[1]
     rows = x
     mask = node_mask(c, n_max).unsqueeze(-1).to(x.dtype)
-    count = mask.sum(dim=1, keepdim=True)
     pos, feat = rows[..., :n_dims] * mask, rows[..., n_dims:] * mask
-    pos = (pos - pos.sum(dim=1, keepdim=True) / count) * mask + 0.0  # no -0.0 on the padding
+    pos = center(pos.flatten(1), n_max, n_dims, mask=mask[..., 0] > 0).view_as(pos)
+    pos = pos * mask + 0.0  # no -0.0 on the padding
     return torch.cat([pos, feat], dim=-1)
 
 

@@ -126,9 +126,11 @@ class Molecules:
 
     def centered(self) -> Molecules:
         """The same molecules with each one's mean position over its real atoms at the origin."""
+        from ..geometry import center
+
         m = self.mask.unsqueeze(-1).to(self.positions.dtype)
-        mean = (self.positions * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
-        return Molecules((self.positions - mean) * m, self.types, self.smiles)
+        pos = center(self.positions.flatten(1), *self.positions.shape[1:], mask=self.mask)
+        return Molecules(pos.view_as(self.positions) * m, self.types, self.smiles)
 
     def __len__(self) -> int:
         """Number of molecules."""

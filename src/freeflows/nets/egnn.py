@@ -50,6 +50,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..geometry import center
+
 #: Added under the square root of squared distances, so that d_ij is smooth everywhere.
 DISTANCE_EPS = 1e-8
 
@@ -125,12 +127,12 @@ class EGNNLayer(nn.Module):
         if nodes is None:
             neighbours = x.shape[1] - 1
             delta = (diff * weight).sum(dim=2) / neighbours
-            delta = delta - delta.mean(dim=1, keepdim=True)
+            delta = center(delta.flatten(1), *delta.shape[1:]).view_as(delta)
         else:
             count = nodes.sum(dim=1, keepdim=True)  # [B, 1, 1]
             neighbours = (count - 1).clamp(min=1)
             delta = (diff * weight).sum(dim=2) / neighbours
-            delta = (delta - (delta * nodes).sum(dim=1, keepdim=True) / count) * nodes
+            delta = center(delta.flatten(1), *delta.shape[1:], mask=nodes[..., 0] > 0).view_as(delta) * nodes
         h = h + self.node(torch.cat([h, m.sum(dim=2) / neighbours], dim=-1))
         return h, x + delta
 
