@@ -76,7 +76,8 @@ def test_equal_cpu_budget_is_met_by_every_model():
         [exact_flow_contender("realnvp", flow), cheap.contender("cheap")], x, s, seed=1
     )
     for t in trainees:
-        assert 0.35 <= t.cpu_seconds < 0.35 + 0.04  # the last step may overshoot, no more
+        # the last step may overshoot; by less than one turn (0.1 s), even on a loaded machine
+        assert 0.35 <= t.cpu_seconds < 0.35 + 0.1
     # the cheap model takes more steps in the same CPU time
     assert trainees[1].steps > trainees[0].steps > 0
 
