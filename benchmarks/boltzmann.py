@@ -154,6 +154,33 @@ def calibrate_steps(cfg: dict[str, Any], cpu_seconds: float, repeats: int = 5) -
     return max(10, int(cpu_seconds / step)), step
 
 
+def _evaluation_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The sizes of :func:`freeflows.eval.metrics.evaluate_model` set by the command line."""
+    return {
+        "test_rows": args.test_rows,
+        "particle_samples": args.ess_samples,
+        "mass_samples": args.mass_samples,
+    }
+
+
+def _row_settings(preset: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The report row's settings of a run of ``preset`` with config ``cfg``."""
+    return {
+        "preset": preset,
+        "system": SYSTEM_OF[preset],
+        "seed": cfg["seed"],
+        "threads": args.threads,
+        "cpu_minutes_budget": args.cpu_minutes,
+        "test_rows": args.test_rows,
+        "ess_samples_requested": args.ess_samples,
+        "mass_samples": args.mass_samples,
+        "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core CPU",
+        "kind": cfg["model"]["kind"],
+        "model": cfg["model"][cfg["model"]["kind"]],
+        "batch_size": cfg["trainer"]["batch_size"],
+    }
+
+
 def train_one(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``preset`` for ``--cpu-minutes`` of CPU time and evaluate it (see the module
     docstring); the row of the report."""
@@ -178,12 +205,7 @@ def train_one(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         cpu_eval["seconds"] = time.process_time() - t
         return out
 
-    evaluate_sized = functools.partial(
-        fm.evaluate_model,
-        test_rows=args.test_rows,
-        particle_samples=args.ess_samples,
-        mass_samples=args.mass_samples,
-    )
+    evaluate_sized = functools.partial(fm.evaluate_model, **_evaluation_sizes(args))
     stopper = CpuBudget(budget)
     t, c = time.perf_counter(), time.process_time()
     with mock.patch.object(fm, "evaluate_model", evaluate):
@@ -195,18 +217,7 @@ def train_one(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         if src.is_file():
             shutil.copy(src, args.out / f"{NAME}_{preset}_{name}.png")
     return {
-        "preset": preset,
-        "system": SYSTEM_OF[preset],
-        "seed": args.seed,
-        "threads": args.threads,
-        "cpu_minutes_budget": args.cpu_minutes,
-        "test_rows": args.test_rows,
-        "ess_samples_requested": args.ess_samples,
-        "mass_samples": args.mass_samples,
-        "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core CPU",
-        "kind": cfg["model"]["kind"],
-        "model": cfg["model"][cfg["model"]["kind"]],
-        "batch_size": cfg["trainer"]["batch_size"],
+        **_row_settings(preset, cfg, args),
         "planned_steps": steps,
         "calibrated_step_cpu_seconds": step_cpu,
         "train_cpu_seconds": stopper.train_cpu_seconds,
@@ -234,27 +245,10 @@ def evaluate_trained(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     with (run / "metrics.csv").open() as fh:
         steps = max(int(row[0]) for row in csv.reader(fh) if row and row[0].isdigit())
     t, c = time.perf_counter(), time.process_time()
-    metrics = fm.evaluate_model(
-        model,
-        data,
-        test_rows=args.test_rows,
-        particle_samples=args.ess_samples,
-        mass_samples=args.mass_samples,
-    )
+    metrics = fm.evaluate_model(model, data, **_evaluation_sizes(args))
     cpu, wall = time.process_time() - c, time.perf_counter() - t
     return {
-        "preset": preset,
-        "system": SYSTEM_OF[preset],
-        "seed": cfg["seed"],
-        "threads": args.threads,
-        "cpu_minutes_budget": args.cpu_minutes,
-        "test_rows": args.test_rows,
-        "ess_samples_requested": args.ess_samples,
-        "mass_samples": args.mass_samples,
-        "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core CPU",
-        "kind": cfg["model"]["kind"],
-        "model": cfg["model"][cfg["model"]["kind"]],
-        "batch_size": cfg["trainer"]["batch_size"],
+        **_row_settings(preset, cfg, args),
         "planned_steps": cfg["trainer"]["max_steps"],
         "calibrated_step_cpu_seconds": None,
         "train_cpu_seconds": None,
