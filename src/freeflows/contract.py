@@ -347,3 +347,50 @@ class DensityModule(nn.Module):
 
     def _loss(self, x: Tensor, c: Tensor | None) -> Loss:  # pragma: no cover
         raise NotImplementedError
+
+
+class ModelWrapper(nn.Module):
+    r"""Base of a model that wraps an inner density model ``model`` of transformed data (for
+    example :class:`~freeflows.standardized.StandardizedModel`): it forwards the inner model's
+    ``condition_dim``, ``latent`` and ``divergence_hint``, and offers an optional method
+    (``rsample``, ``inverse_defect``) exactly when the inner model has it and the wrapper
+    implements it as ``_rsample`` / ``_inverse_defect``.
+
+    Args:
+        model: the inner density model.
+
+    Example:
+        >>> import freeflows as ff
+        >>> from freeflows.contract import ModelWrapper
+        >>> wrapped = ModelWrapper(ff.RealNVP(2, condition_dim=3))
+        >>> wrapped.condition_dim, hasattr(wrapped, "rsample")  # no _rsample here
+        (3, False)
+    """
+
+    #: optional methods, offered when the inner model has them and the wrapper has ``_<name>``
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("rsample", "inverse_defect")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def condition_dim(self) -> int | None:
+        """The inner model's number of condition features, or ``None``."""
+        return getattr(self.model, "condition_dim", None)
+
+    @property
+    def latent(self) -> nn.Module:
+        """The inner model's latent (its ``dim`` is the dimension of the density's space)."""
+        return self.model.latent
+
+    @property
+    def divergence_hint(self) -> str | None:
+        """The inner model's hint on training divergence, if it has one."""
+        return getattr(self.model, "divergence_hint", None)
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self._modules.get("model")
+        if name in self.OPTIONAL and hasattr(inner, name) and hasattr(type(self), f"_{name}"):
+            return getattr(self, f"_{name}")
+        return super().__getattr__(name)

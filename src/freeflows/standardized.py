@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .contract import Loss
+from .contract import Loss, ModelWrapper
 from .transforms.standardize import Standardizer
 
 
-class StandardizedModel(nn.Module):
+class StandardizedModel(ModelWrapper):
     r"""A density model of z-scored data, seen in the data's own units.
 
     The inner model :math:`\tilde q` learns :math:`u = T(x) = (x - \mu_x)/\sigma_x` given
@@ -53,8 +53,7 @@ class StandardizedModel(nn.Module):
     def __init__(
         self, model: nn.Module, standardizer: Standardizer, condition_standardizer: Standardizer | None = None
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.standardizer = standardizer
         self.condition_standardizer = condition_standardizer
 
@@ -66,21 +65,6 @@ class StandardizedModel(nn.Module):
     def _shift(self) -> Tensor:
         return self.standardizer.log_abs_det()
 
-    @property
-    def condition_dim(self) -> int | None:
-        """The inner model's number of condition features, or ``None``."""
-        return getattr(self.model, "condition_dim", None)
-
-    @property
-    def latent(self) -> nn.Module:
-        """The inner model's latent (its ``dim`` is the dimension of the density's space)."""
-        return self.model.latent
-
-    @property
-    def divergence_hint(self) -> str | None:
-        """The inner model's hint on training divergence, if it has one."""
-        return getattr(self.model, "divergence_hint", None)
-
     def log_prob(self, x: Tensor, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         r""":math:`\log\tilde q(T(x) \mid T_c(c)) - \sum_j \log\sigma_j`; keywords go to the inner model."""
         log_q = self.model.log_prob(self.standardizer(x)[0], self._c(c), **kwargs)
@@ -89,12 +73,6 @@ class StandardizedModel(nn.Module):
     def sample(self, n: int, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         """``n`` draws in original units, :math:`T^{-1}(u)`; keywords go to the inner model."""
         return self.standardizer.inverse(self.model.sample(n, self._c(c), **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        # ``rsample`` exists exactly when the inner model has one
-        if name == "rsample" and hasattr(self._modules["model"], "rsample"):
-            return self._rsample
-        return super().__getattr__(name)
 
     def _rsample(self, n: int, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Reparametrised draws in original units (``rsample``, when the inner model has one)."""

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..contract import Loss
+from ..contract import Loss, ModelWrapper
 from .base import DataSet, Split
 
 #: Grey levels of the digits (values 0..16).
@@ -172,7 +172,7 @@ class ImagePreprocess(nn.Module):
         return (torch.sigmoid(h) - self.alpha) / (1 - 2 * self.alpha)
 
 
-class DequantizedImageModel(nn.Module):
+class DequantizedImageModel(ModelWrapper):
     r"""A density model of dequantised images :math:`x \in [0, 1)^D`, learning :math:`y = T(x)`.
 
     .. math:: \log q(x) = \log\tilde q(T(x)) + \log\lvert\det J_T(x)\rvert, \qquad
@@ -191,31 +191,9 @@ class DequantizedImageModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, preprocess: ImagePreprocess, levels: int = LEVELS) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.preprocess = preprocess
         self.levels = levels
-
-    @property
-    def condition_dim(self) -> int | None:
-        """The inner model's ``condition_dim`` (``None`` if it has none)."""
-        return getattr(self.model, "condition_dim", None)
-
-    @property
-    def latent(self) -> nn.Module:
-        """The inner model's latent."""
-        return self.model.latent
-
-    @property
-    def divergence_hint(self) -> str | None:
-        """The inner model's ``divergence_hint`` (``None`` if it has none)."""
-        return getattr(self.model, "divergence_hint", None)
-
-    def __getattr__(self, name: str) -> Any:
-        # ``rsample`` and ``inverse_defect`` exist exactly when the inner model has them
-        if name in ("rsample", "inverse_defect") and hasattr(self._modules["model"], name):
-            return getattr(self, f"_{name}")
-        return super().__getattr__(name)
 
     def log_prob(self, x: Tensor, c: Tensor | None = None, **kwargs: Any) -> Tensor:
         r""":math:`\log\tilde q(T(x)) + \log\lvert\det J_T(x)\rvert`; :math:`-\infty` outside
