@@ -47,6 +47,7 @@ def test_unknown_preset_in_a_subprocess_has_no_traceback():
         (["train", "tiny", "--threads", "0"], "--threads must be >= 1"),
         (["train", "tiny", "--set", "trainer.threads=0"], "trainer.threads must be an integer >= 1"),
         (["train", "tiny", "--set", "trainer.checkpoint_every_steps=0"], "every_steps must be >= 1"),
+        (["train", "tiny", "--accelerator", "tpu"], "unknown trainer.accelerator 'tpu'"),
         (["sample", "/nonexistent/run"], "does not exist"),
         (["evaluate", "/nonexistent/run"], "does not exist"),
         (["train", "--resume", "/nonexistent/run"], "not a run directory"),
@@ -58,6 +59,26 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, args, needle):
     line = _one_line_error(capsys, main(args))
     assert needle in line
     assert not (tmp_path / "r").exists(), "a config that fails validation must leave no run directory"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_one_clear_line(capsys, tmp_path):
+    line = _one_line_error(capsys, main(["train", "qm9", "--accelerator", "gpu", "--out", str(tmp_path / "r")]))
+    assert "trainer.accelerator=gpu" in line and "sees no such device" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_accelerator_accepts_a_visible_gpu(monkeypatch):
+    import torch
+
+    from freeflows.runner.train import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("gpu", "cuda", "cpu", "auto"):
+        check_accelerator(name)  # no error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cuda"):
+        check_accelerator("cuda")
 
 
 @pytest.mark.parametrize(

@@ -146,3 +146,18 @@ def test_sigint_mid_run_exits_130_and_the_resumed_run_ends_at_the_uninterrupted_
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows if ",loss," in r]
     assert steps == sorted(set(steps)), "the resumed run must not duplicate rows of the curves"
+
+
+def test_metrics_csv_restarts_on_a_fresh_training_and_is_cut_at_the_resume_step(tmp_path):
+    from freeflows.runner.callbacks import CSVMetricsLogger
+
+    path = tmp_path / "metrics.csv"
+    first = CSVMetricsLogger(path)
+    for step in (1, 2, 3):
+        first.log_metrics({"train/loss": float(step)}, step)
+    resumed = CSVMetricsLogger(path, resume_step=2)  # the interrupted run's row after step 2 goes
+    resumed.log_metrics({"train/loss": 30.0}, 3)
+    rows = path.read_text().splitlines()
+    assert rows == ["step,metric,value", "1,train/loss,1.0", "2,train/loss,2.0", "3,train/loss,30.0"]
+    CSVMetricsLogger(path).log_metrics({"train/loss": 7.0}, 1)  # trained again from scratch
+    assert path.read_text().splitlines() == ["step,metric,value", "1,train/loss,7.0"]

@@ -201,6 +201,10 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return cfg
 
 
+#: values of ``trainer.accelerator`` (Lightning's names; ``gpu`` is CUDA or Apple's MPS)
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
 def validate(cfg: dict[str, Any]) -> None:
     """Check values whose valid set is known (model kind, schedule, positive sizes)."""
     from .registry import MODEL_KINDS
@@ -231,6 +235,11 @@ def validate(cfg: dict[str, Any]) -> None:
     samples = cfg["eval"]["samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ConfigError(f"eval.samples must be an integer >= 0, got {samples!r}")
+    accelerator = cfg["trainer"]["accelerator"]
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"unknown trainer.accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}"
+        )
     threads = cfg["trainer"]["threads"]
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"trainer.threads must be an integer >= 1 or null (torch's), got {threads!r}")

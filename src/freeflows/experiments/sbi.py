@@ -92,8 +92,11 @@ def default_run_dir(task: str, budget: int, method: str) -> Path:
 
 
 # -- training -------------------------------------------------------------------------------------
-#: Config keys that change how a trained model is sampled but not its training; a run that
-#: differs from the requested config only in these can be reused (``reuse=True``).
+#: Config keys that change how a trained model is sampled; a run that differs from the requested
+#: config only in these can be reused (``reuse=True``), which samples the saved weights. The
+#: weights are not always those the requested config would train: ``sample_refine_steps > 0``
+#: also makes ``val/nll`` (which picks the best checkpoint) the encoder's density, 0 the
+#: decoder's, so reuse keeps the checkpoint chosen under the saved value.
 SAMPLING_ONLY_KEYS: tuple[str, ...] = (
     "model.fff.sample_refine_steps",
     "trainer.progress_bar",

@@ -183,14 +183,15 @@ class CSVMetricsLogger(Logger):
     """Appends every logged value to ``metrics.csv`` as rows ``step,metric,value``.
 
     On resume from step ``s``, rows after ``s`` (written by the interrupted run after its last
-    checkpoint) are dropped, so the curves have no duplicates.
+    checkpoint) are dropped, so the curves have no duplicates. A fresh training (no resume)
+    starts the file anew, so a run directory trained again holds only the new run's rows.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         super().__init__()
         self.path = Path(path)
-        if resume_step is not None and self.path.is_file():
-            self._truncate(resume_step)
+        if self.path.is_file():
+            self._truncate(-1 if resume_step is None else resume_step)
 
     @rank_zero_only
     def _truncate(self, step: int) -> None:

@@ -103,6 +103,25 @@ def training_steps(trainer_cfg: dict[str, Any], n_train: int) -> int:
     return min(cap, epochs * per_epoch)
 
 
+def check_accelerator(accelerator: str) -> None:
+    """Fail in one line when ``trainer.accelerator`` names a device that torch cannot see here.
+
+    Args:
+        accelerator: ``cpu``, ``gpu``, ``cuda``, ``mps`` or ``auto``.
+
+    Raises:
+        ValueError: ``gpu``/``cuda``/``mps`` without such a device.
+    """
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    visible = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}.get(accelerator, True)
+    if not visible:
+        raise ValueError(
+            f"trainer.accelerator={accelerator}: torch {torch.__version__} sees no such device here "
+            f"(torch.cuda.is_available() is {cuda}); use --accelerator cpu or auto"
+        )
+
+
 def train(
     cfg: dict[str, Any],
     run_dir: Path,
@@ -123,6 +142,7 @@ def train(
 
     _quiet_lightning()
     tr = cfg["trainer"]
+    check_accelerator(tr["accelerator"])
     if tr["threads"] is not None:
         torch.set_num_threads(tr["threads"])
     run_dir = Path(run_dir)
