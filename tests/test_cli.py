@@ -63,7 +63,8 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, args, needle):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_a_gpu_accelerator_without_a_gpu_is_one_clear_line(capsys, tmp_path):
-    line = _one_line_error(capsys, main(["train", "qm9", "--accelerator", "gpu", "--out", str(tmp_path / "r")]))
+    args = ["train", "qm9", "--accelerator", "gpu", "--out", str(tmp_path / "r")]
+    line = _one_line_error(capsys, main(args))
     assert "trainer.accelerator=gpu" in line and "sees no such device" in line
     assert not (tmp_path / "r").exists()
 
