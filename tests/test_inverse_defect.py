@@ -191,3 +191,15 @@ def test_a_tiny_run_logs_the_validation_inverse_defect(tmp_path):
     assert values, "val/inverse_defect was not logged"
     assert all(v >= 0 and v == v and v < 1e3 for v in values)
     assert max(values) > 0  # training moved the decoder away from the encoder's exact inverse
+    per_dim = [float(r[2]) for r in rows if r[1] == "val/inverse_defect_per_dim"]
+    assert len(per_dim) == len(values)  # the tiny preset's data is 2-D
+    assert all(abs(a - b / 2) <= 1e-6 * (1 + b) for a, b in zip(per_dim, values, strict=True))
+
+
+def test_latent_dimension_is_the_subspace_dimension_of_a_mean_free_latent():
+    import freeflows as ff
+    from freeflows.runner.module import latent_dimension
+
+    assert latent_dimension(ff.FreeFormFlow.resnet(3, hidden=8), torch.zeros(5, 3)) == 3
+    particles = ff.FreeFormFlow.egnn(4, 2, hidden=8, layers=1)
+    assert latent_dimension(particles, torch.zeros(5, 4, 2)) == 6  # (4 - 1) * 2
