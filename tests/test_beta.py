@@ -41,7 +41,7 @@ def _fake(metrics: dict, beta: float = 10.0):
 
 def test_the_callback_updates_the_models_beta_and_keeps_its_history():
     cb = AdaptiveBeta(target=0.01, rate=1.0, max_factor=100.0)
-    trainer, module, model = _fake({"val/inverse_defect": torch.tensor(0.1)})
+    trainer, module, model = _fake({"val/inverse_defect_per_dim": torch.tensor(0.1)})
     cb.on_validation_end(trainer, module)
     assert model.beta == pytest.approx(100.0) and cb.history == [(7, pytest.approx(100.0))]
     state = cb.state_dict()
@@ -61,7 +61,7 @@ def test_clear_errors():
         AdaptiveBeta(target=1.0, beta_min=10.0, beta_max=1.0)
     cb = AdaptiveBeta(target=0.01)
     trainer, module, _ = _fake({"val/nll": torch.tensor(1.0)})
-    with pytest.raises(ValueError, match="follows 'val/inverse_defect', which this model does not log"):
+    with pytest.raises(ValueError, match="follows 'val/inverse_defect_per_dim', which this model does not"):
         cb.on_validation_end(trainer, module)
     with pytest.raises(ValueError, match="needs a model with a float attribute beta"):
         cb.on_train_start(trainer, SimpleNamespace(model=ff.StandardNormal(2)))

@@ -67,8 +67,8 @@ def default_config() -> dict[str, Any]:
         # model.<kind>.beta: auto adapts beta to hold `metric` at `target` (freeflows.runner.beta)
         "beta_auto": {
             "start": 10.0,
-            "target": 0.06,
-            "metric": "val/inverse_defect",
+            "target": 0.1,
+            "metric": "val/inverse_defect_per_dim",
             "rate": 0.5,
             "min": 0.1,
             "max": 1e4,

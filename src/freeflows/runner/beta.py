@@ -3,9 +3,9 @@ r"""Adapting a free-form flow's reconstruction weight β during training.
 β trades the likelihood against how well the decoder inverts the encoder, and the surrogate
 gradient's error grows with the inverse defect :math:`\lVert J_g J_f - I\rVert_F`
 (``docs/estimator-error.md``). Instead of fixing β, :class:`AdaptiveBeta` holds a validation
-metric :math:`m` (by default ``val/inverse_defect``, the batch mean of
-:math:`\lVert J_g J_f - I\rVert_F^2`) at a target :math:`\tau`, by a multiplicative dual-ascent
-step on :math:`\log\beta` after every validation:
+metric :math:`m` (by default ``val/inverse_defect_per_dim``, the batch mean of
+:math:`\lVert J_g J_f - I\rVert_F^2` divided by the latent's dimension) at a target
+:math:`\tau`, by a multiplicative dual-ascent step on :math:`\log\beta` after every validation:
 
 .. math:: \log\beta \leftarrow \operatorname{clip}\bigl(\log\beta + \operatorname{clip}(
    \eta\,(\log m - \log\tau),\ \pm\log\rho),\ \log\beta_{\min},\ \log\beta_{\max}\bigr) .
@@ -44,7 +44,8 @@ class AdaptiveBeta(Callback):
 
     Args:
         target: :math:`\tau > 0`, the value of ``metric`` to hold.
-        metric: a logged validation metric, ``"val/inverse_defect"`` or ``"val/reconstruction"``.
+        metric: a logged validation metric: ``"val/inverse_defect_per_dim"``,
+            ``"val/inverse_defect"`` or ``"val/reconstruction"``.
         rate: :math:`\eta > 0`, the step on :math:`\log\beta` per unit of
             :math:`\log(m/\tau)`.
         beta_min: lower limit of β, ``> 0``.
@@ -63,7 +64,7 @@ class AdaptiveBeta(Callback):
     def __init__(
         self,
         target: float,
-        metric: str = "val/inverse_defect",
+        metric: str = "val/inverse_defect_per_dim",
         rate: float = 0.5,
         beta_min: float = 0.1,
         beta_max: float = 1e4,
