@@ -2,8 +2,8 @@
 
 For each task the preset's free-form flow is trained through the runner API
 (:func:`freeflows.runner.train.train`) with β fixed at each value of the task's grid and with
-``model.<kind>.beta=auto`` (the default ``beta_auto`` section: start 10, target 0.06 on
-``val/inverse_defect``, no tuning; ``--auto-starts`` adds runs from other starting β). Only
+``model.<kind>.beta=auto`` (the default ``beta_auto`` section: start 100, target 0.1 on
+``val/inverse_defect_per_dim``, no tuning; ``--auto-starts`` adds runs from other starting β). Only
 these fields are overridden, the same for every run of a task:
 
 * ``model.<kind>.beta`` (a number, or ``auto``) and, for ``auto``, ``beta_auto.start``,
@@ -11,11 +11,11 @@ these fields are overridden, the same for every run of a task:
   (``--val-every``), ``trainer.threads=1``, ``seed``,
 * ``trainer.plot=false`` and ``trainer.progress_bar=false``.
 
-The tasks (:data:`TASKS`): the ``two-moons`` and ``eight-gaussians`` toys, the ``dw4`` Boltzmann
-preset (an E(n)-equivariant free-form flow; NLL in the 6-dimensional mean-free subspace) and the
-SBI presets ``sbi-two_moons`` and ``sbi-gaussian_mixture`` (conditional posteriors at a budget of
-10,000 simulations; NLL of held-out pairs in standardised θ). Their β grids bracket the preset's
-β.
+The tasks (:data:`TASKS`): the ``two-moons``, ``eight-gaussians`` and ``gaussian-mixture-1d``
+toys, the ``dw4`` Boltzmann preset (an E(n)-equivariant free-form flow; NLL in the
+6-dimensional mean-free subspace) and the SBI presets ``sbi-two_moons`` and
+``sbi-gaussian_mixture`` (conditional posteriors at a budget of 10,000 simulations; NLL of
+held-out pairs in standardised θ). Their β grids bracket the preset's β.
 
 ``beta: auto`` updates β once per validation, so the validation cadence sets how often β can
 move (at most a factor 2 per validation). ``--val-every 1`` (the default here) validates every
@@ -67,12 +67,13 @@ class Task:
 TASKS = {
     "two-moons": Task("test_nll", 2000, (3.0, 10.0, 30.0, 100.0)),
     "eight-gaussians": Task("kl_to_truth", 2000, (3.0, 10.0, 30.0, 100.0)),
+    "gaussian-mixture-1d": Task("kl_to_truth", 3000, (3.0, 10.0, 30.0, 100.0)),
     "dw4": Task("test_nll", 1500, (3.0, 10.0, 30.0, 100.0)),
     "sbi-two_moons": Task("test_nll", 10000, (30.0, 100.0, 300.0, 1000.0)),
     "sbi-gaussian_mixture": Task("test_nll", 10000, (30.0, 100.0, 300.0, 1000.0)),
 }
 #: the default start of ``beta: auto`` (the config's ``beta_auto.start``)
-DEFAULT_START = 10.0
+DEFAULT_START = 100.0
 #: the largest share of test points a run's density may leave unsolved and still be compared
 UNSOLVED_LIMIT = 0.01
 KEEP = (

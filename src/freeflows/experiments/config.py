@@ -66,7 +66,7 @@ def default_config() -> dict[str, Any]:
         "eval": {"samples": 10_000},
         # model.<kind>.beta: auto adapts beta to hold `metric` at `target` (freeflows.runner.beta)
         "beta_auto": {
-            "start": 10.0,
+            "start": 100.0,
             "target": 0.1,
             "metric": "val/inverse_defect_per_dim",
             "rate": 0.5,
