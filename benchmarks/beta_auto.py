@@ -210,6 +210,9 @@ def row_of(
         row["final_beta"] = betas[-1][1] if betas else float("nan")
         row["beta_trajectory"] = betas
         row["inverse_defect_trajectory"] = defect
+        row["inverse_defect_per_dim_trajectory"] = read_csv(
+            run_dir / "metrics.csv", "val/inverse_defect_per_dim"
+        )
     return row
 
 
@@ -340,32 +343,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path, target: float) -> None:
+def plot(result: dict[str, Any], path: Path, metric: str, target: float) -> None:
+    """β of every auto run (left) and the metric it holds at ``target`` (right), over training;
+    one colour per task, solid from the default start and dashed from the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_b, ax_d) = plt.subplots(1, 2, figsize=(10, 3.6))
+    key = {"val/inverse_defect": "inverse_defect_trajectory"}.get(metric, "inverse_defect_per_dim_trajectory")
+    colours = {d: f"C{i}" for i, d in enumerate(result["settings"]["datasets"])}
+    fig, (ax_b, ax_d) = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in result["runs"]:
         if not is_auto(r["beta"]) or not r["beta_trajectory"]:
             continue
-        label = f"{r['dataset']} {r['beta']}, val. every {r['val_every_epochs']} ep."
+        style = {"color": colours[r["dataset"]], "ls": "-" if r["beta"] == "auto" else "--", "lw": 1.2}
+        label = f"{r['dataset']} {r['beta']}" + (
+            f", val. every {r['val_every_epochs']} ep." if r["val_every_epochs"] != 1 else ""
+        )
         steps, betas = zip(*r["beta_trajectory"], strict=True)
-        fraction = [s / r["steps_run"] for s in steps]
-        (line,) = ax_b.plot(fraction, betas, label=label)
-        if r["inverse_defect_trajectory"]:
-            s, d = zip(*r["inverse_defect_trajectory"], strict=True)
-            s = [x / r["steps_run"] for x in s]
-            ax_d.plot(s, d, marker=".", ms=3, color=line.get_color(), label=label)
+        ax_b.plot([s / r["steps_run"] for s in steps], betas, label=label, **style)
+        if r.get(key):
+            s, d = zip(*r[key], strict=True)
+            ax_d.plot([x / r["steps_run"] for x in s], d, **style)
     ax_b.set(xlabel="fraction of training", ylabel="β", yscale="log", title="β (beta: auto)")
-    ax_d.axhline(target, color="k", lw=0.8, ls="--", label=f"target {target:g}")
-    ax_d.set(xlabel="fraction of training", ylabel="val/inverse_defect", yscale="log", title="inverse defect")
-    ax_b.legend(fontsize=6)
-    ax_d.legend(fontsize=6)
+    ax_d.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:g}")
+    ax_d.set(xlabel="fraction of training", ylabel=metric, yscale="log", title=f"{metric} (validation)")
+    ax_d.legend(fontsize=7, loc="upper right")
+    fig.legend(*ax_b.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.995, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {dataset} beta={label} val every {val_every}: {cpu:.0f} CPU-s", flush=True)
             record(dataset, label, val_every, cpu)
     if args.plot and any(is_auto(r["beta"]) for r in result["runs"]):
-        plot(result, args.plot, float(settings["beta_auto"]["target"]))
+        plot(result, args.plot, settings["beta_auto"]["metric"], float(settings["beta_auto"]["target"]))
     print(markdown(result))
     return 0
 
