@@ -4,6 +4,7 @@ the preset on the shipped slice through the CLI and reads its metrics.json)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -142,3 +143,24 @@ def test_generated_molecules_are_set_by_eval_samples(tmp_path):
         build(bad)
     with pytest.raises(ConfigError, match="eval.samples"):
         validate(load_config("qm9", ["eval.samples=-1"]))
+
+
+def test_joint_nll_leaves_out_and_counts_unsolved_rows_and_unseen_atom_counts():
+    from freeflows.data.molecule_events import load_qm9_events
+    from freeflows.eval.molecule_generation import count_log_prob, molecule_nll_metrics
+
+    data = load_qm9_events(60, 20, 100, seed=0, source="slice")
+    c = data.test.c
+    log_n = count_log_prob(data, c)
+    unseen = ~torch.isfinite(log_n)
+    assert bool(unseen.any()), "60 training molecules leave some test atom counts unseen"
+    log_q = -torch.arange(len(c), dtype=torch.float64) - 50.0
+    log_q[0] = float("nan")  # an unsolved row
+    out = molecule_nll_metrics(log_q, data, c)
+    rows = torch.isfinite(log_q) & ~unseen
+    assert out["test_nll_joint_rows"] == int(rows.sum())
+    assert out["test_nll_unseen_counts"] == int(unseen.sum())
+    assert out["test_nll_joint"] == pytest.approx(float(-(log_q + log_n)[rows].mean()))
+    boxes = data.meta["encoding"].log_volume(c[:, -1].double())[rows].mean()
+    assert out["test_nll_types_bound"] == pytest.approx(out["test_nll_joint"] - float(boxes))
+    assert math.isfinite(out["test_nll_types_bound"])

@@ -367,7 +367,7 @@ def evaluate_model(
     if molecules:  # EDM's metrics of generated molecules, and their speed
         from .molecule_generation import molecule_generation_metrics, molecule_nll_metrics
 
-        metrics.update(molecule_nll_metrics(metrics["test_nll"], data, test.c))
+        metrics.update(molecule_nll_metrics(log_q, data, test.c))
         metrics.update(molecule_generation_metrics(model, data, data.meta["eval_samples"]))
         return metrics
     c0 = None if test.c is None else test.c[0]

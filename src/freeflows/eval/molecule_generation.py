@@ -133,33 +133,44 @@ def count_log_prob(data: DataSet, c: Tensor) -> Tensor:
     return hist[c[:, -1].round().long().cpu()].log()
 
 
-def molecule_nll_metrics(test_nll: float, data: DataSet, c: Tensor) -> dict[str, Any]:
+def molecule_nll_metrics(log_q: Tensor, data: DataSet, c: Tensor) -> dict[str, Any]:
     r"""What the test NLL of a molecule model means, and two values built on it.
 
-    ``test_nll`` is :math:`-\log q(x, h \mid n)`, nats per molecule, with respect to the
-    Lebesgue measure of each molecule's :math:`(n-1) \cdot 3 + nk`-dimensional subspace
-    (positions in ångström, dequantised feature channels). ``test_nll_joint`` adds
-    :math:`-\log p(n)` of the training histogram; ``test_nll_types_bound`` further subtracts the
-    log-volume of the dequantisation boxes, an upper bound on
-    :math:`-\log P(x, \text{types}, n)`, the discrete types' NLL.
+    ``log_q`` is :math:`\log q(x, h \mid n)` per test molecule, with respect to the Lebesgue
+    measure of each molecule's :math:`(n-1) \cdot 3 + nk`-dimensional subspace (positions in
+    ångström, dequantised feature channels). ``test_nll_joint`` is the mean of
+    :math:`-\log q(x, h \mid n) - \log p(n)` under the training histogram of atom counts, the
+    distribution that generation draws :math:`n` from; ``test_nll_types_bound`` further
+    subtracts the log-volume of the dequantisation boxes, an upper bound on
+    :math:`-\log P(x, \text{types}, n)`, the discrete types' NLL. Both average the rows where
+    ``log_q`` is finite (not NaN: the root solve converged) and :math:`p(n) > 0`;
+    ``test_nll_joint_rows`` counts them. A test molecule whose atom count never occurs in the
+    training split has probability zero under the model; ``test_nll_unseen_counts`` counts those.
 
     Args:
-        test_nll: the mean test NLL over the rows ``c``.
+        log_q: ``[M]`` log-densities of the test rows (NaN where unsolved).
         data: the data set.
         c: the test rows' conditions ``[M, 1]``.
 
     Returns:
         ``nll_density`` (a description), ``nll_dims`` (mean degrees of freedom),
-        ``test_nll_joint`` and ``test_nll_types_bound``.
+        ``test_nll_joint``, ``test_nll_types_bound``, ``test_nll_joint_rows`` and
+        ``test_nll_unseen_counts``.
     """
     n = c[:, -1].double().cpu()
     k = int(data.event_shape[1]) - int(data.meta["n_dims"])
     dims = (n - 1) * data.meta["n_dims"] + n * k
-    joint = test_nll - float(count_log_prob(data, c).mean())
+    log_n = count_log_prob(data, c)
+    log_q = log_q.detach().double().cpu()
+    rows = torch.isfinite(log_q) & torch.isfinite(log_n)
+    joint = float(-(log_q + log_n)[rows].mean()) if bool(rows.any()) else float("nan")
+    boxes = data.meta["encoding"].log_volume(n)
     return {
         "nll_density": "-log q(x, h | n) per molecule on its (n-1)*3+n*k-dim subspace (decoder density "
         "for the free-form flow), dequantised features",
         "nll_dims": float(dims.mean()),
         "test_nll_joint": joint,
-        "test_nll_types_bound": joint - float(data.meta["encoding"].log_volume(n).mean()),
+        "test_nll_types_bound": joint - float(boxes[rows].mean()) if bool(rows.any()) else float("nan"),
+        "test_nll_joint_rows": int(rows.sum()),
+        "test_nll_unseen_counts": int((~torch.isfinite(log_n)).sum()),
     }
