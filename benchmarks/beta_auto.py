@@ -205,7 +205,8 @@ def row_of(
     if timing.is_file():
         row["cpu_seconds"] = json.loads(timing.read_text())["cpu_seconds"]
     if is_auto(label):
-        betas = read_csv(run_dir / "metrics.csv", "beta")
+        logged = read_csv(run_dir / "metrics.csv", "beta")  # every step; keep the changes and the end
+        betas = [b for i, b in enumerate(logged) if i in (0, len(logged) - 1) or b[1] != logged[i - 1][1]]
         defect = read_csv(run_dir / "metrics.csv", "val/inverse_defect")
         row["final_beta"] = betas[-1][1] if betas else float("nan")
         row["beta_trajectory"] = betas
