@@ -219,3 +219,19 @@ def test_cnf_integrates_to_one(d):
     assert_nontrivial(cnf, data)
     est = density_mass(cnf.log_prob, data, evaluations=101**2 if d == 2 else 2000)
     assert_mass(est, 1.0, max_stderr=1e-3 if d == 2 else 0.05)
+
+
+def test_effective_sample_size_flags_a_proposal_that_misses_the_density():
+    """A proposal that covers the density gives an ESS near the number of draws; a density far
+    narrower than the proposal (in 16 dimensions) gives a tiny ESS, whatever its stderr says."""
+    d = 16
+    data = torch.randn(2000, d)
+    good = density_mass(lambda x: -0.5 * (x**2).sum(-1) - 0.5 * d * math.log(2 * math.pi), data)
+    assert good.ess is not None and good.ess > 0.1 * good.n
+    narrow = torch.distributions.MultivariateNormal(torch.zeros(d), 0.01 * torch.eye(d))
+    bad = density_mass(narrow.log_prob, data)
+    assert bad.ess is not None and bad.ess < 0.01 * bad.n
+    combined = combine_masses([good, bad])
+    assert combined.ess == pytest.approx(good.ess + bad.ess)
+    quad = density_mass(lambda x: -0.5 * (x**2).sum(-1) - math.log(2 * math.pi), torch.randn(500, 2))
+    assert quad.ess is None and combine_masses([quad, good]).ess is None

@@ -37,7 +37,10 @@ than the data's). Then
 
 with :math:`\hat M` unbiased, computed from the log-weights with the largest one factored out
 (no overflow). The stderr is exact only when :math:`w` has a finite variance; mass far outside
-the proposal is missed by any finite sample.
+the proposal is missed by any finite sample. The effective sample size
+:math:`(\sum w)^2/\sum w^2` is reported with the estimate: when it is a small fraction of
+:math:`n` (a few draws carry the sum, as for a Gaussian proposal against images in 64
+dimensions), neither :math:`\hat M` nor its stderr can be trusted.
 
 **Unsolved points.** A ``log_prob`` that returns NaN for a point (a free-form flow's root solve
 that did not converge) contributes zero, and the count is reported as ``unsolved``: the estimate
@@ -78,6 +81,9 @@ class MassEstimate:
         n: number of ``log_prob`` evaluations.
         unsolved: how many of them returned NaN and were counted as zero density.
         method: ``"quadrature"`` or ``"importance"``.
+        ess: importance sampling's effective sample size :math:`(\sum_k w_k)^2 / \sum_k w_k^2`
+            (``None`` for quadrature). Far below ``n`` (a few draws carry the estimate), the
+            estimate and its ``stderr`` are not reliable, whatever ``stderr`` says.
     """
 
     mass: float
@@ -85,6 +91,7 @@ class MassEstimate:
     n: int
     unsolved: int
     method: str
+    ess: float | None = None
 
     @property
     def log_mass(self) -> float:
@@ -110,6 +117,7 @@ def combine_masses(estimates: Sequence[MassEstimate]) -> MassEstimate:
         n=sum(e.n for e in estimates),
         unsolved=sum(e.unsolved for e in estimates),
         method=methods.pop() if len(methods) == 1 else "mixed",
+        ess=None if any(e.ess is None for e in estimates) else sum(e.ess for e in estimates),
     )
 
 
@@ -309,15 +317,16 @@ def importance_mass(
     log_w = torch.where(unsolved, torch.full_like(log_w, -math.inf), log_w)
     top = log_w.max()
     if torch.isneginf(top):
-        mass, stderr = 0.0, 0.0
+        mass, stderr, ess = 0.0, 0.0, 0.0
     elif torch.isposinf(top):
-        mass, stderr = math.inf, math.inf
+        mass, stderr, ess = math.inf, math.inf, 0.0
     else:
         w = (log_w - top).exp()
         scale = math.exp(float(top))
         mass = float(w.mean()) * scale
         stderr = float(w.std()) * scale / math.sqrt(n)
-    return MassEstimate(mass, stderr, n, int(unsolved.sum()), "importance")
+        ess = float(w.sum() ** 2 / (w**2).sum())
+    return MassEstimate(mass, stderr, n, int(unsolved.sum()), "importance", ess)
 
 
 def _coordinates(x: Tensor, basis: Tensor | None) -> Tensor:

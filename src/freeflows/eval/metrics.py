@@ -11,8 +11,10 @@ never the model's class. :func:`evaluate_model` returns the dictionary that a ru
 * ``density_mass``, ``density_mass_stderr``, ``density_mass_method``: :math:`\int q`, the mass
   of ``log_prob`` (1 for a normalised density), by quadrature (≤ 2-D) or importance sampling
   (:func:`freeflows.eval.mass.density_mass`); ``density_mass_unsolved`` of the
-  ``density_mass_evaluations`` points had a NaN density and counted as zero. For a conditional
-  model, the mean over ``density_mass_conditions`` test conditions.
+  ``density_mass_evaluations`` points had a NaN density and counted as zero;
+  ``density_mass_ess``, the importance weights' effective sample size (far below the
+  evaluations, the estimate is not reliable). For a conditional model, the mean over
+  ``density_mass_conditions`` test conditions.
 * For a model whose ``log_prob`` takes ``variant`` (the free-form flow): ``test_nll_encoder``,
   and the free-form paper's value ``test_nll_paper`` (**not normalised**) with its mass
   ``density_mass_paper`` and the normalised ``test_nll_paper_normalised``
@@ -262,6 +264,7 @@ def _mass_metrics(estimate: MassEstimate, suffix: str = "") -> dict[str, Any]:
         f"{key}_method": estimate.method,
         f"{key}_evaluations": estimate.n,
         f"{key}_unsolved": estimate.unsolved,
+        **({} if estimate.ess is None else {f"{key}_ess": estimate.ess}),
     }
 
 
