@@ -166,3 +166,15 @@ def test_pair_plot_handles_higher_dimensions(tmp_path):
         torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g), tmp_path / "p.png", "t"
     )
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_reuse_ignores_the_beta_auto_section_unless_beta_adapts(tmp_path):
+    from freeflows.experiments.config import load_config, save_config
+    from freeflows.experiments.sbi import trained_run_differences
+
+    saved = load_config("sbi-two_moons", ["beta_auto.target=0.06"])
+    save_config(saved, tmp_path / "config.yaml")
+    (tmp_path / "metrics.json").write_text("{}")
+    assert trained_run_differences(tmp_path, load_config("sbi-two_moons")) == []
+    adaptive = load_config("sbi-two_moons", ["model.fff.beta=auto"])
+    assert "beta_auto.target" in trained_run_differences(tmp_path, adaptive)
