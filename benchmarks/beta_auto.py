@@ -40,7 +40,6 @@ Writes ``<out>/beta_auto.json`` (after every run) and ``<out>/beta_auto.md``, an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -50,6 +49,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from freeflows.experiments.config import default_config
 
 ROOT = Path(__file__).resolve().parent
 NAME = "beta_auto"
@@ -73,7 +74,7 @@ TASKS = {
     "sbi-gaussian_mixture": Task("test_nll", 10000, (30.0, 100.0, 300.0, 1000.0)),
 }
 #: the default start of ``beta: auto`` (the config's ``beta_auto.start``)
-DEFAULT_START = 100.0
+DEFAULT_START = float(default_config()["beta_auto"]["start"])
 #: the largest share of test points a run's density may leave unsolved and still be compared
 UNSOLVED_LIMIT = 0.01
 KEEP = (
@@ -180,12 +181,6 @@ def _train(dataset: str, over: list[str], run_dir: str) -> float:
     return time.process_time() - cpu
 
 
-def read_csv(path: Path, metric: str) -> list[tuple[int, float]]:
-    """``(step, value)`` rows of one metric of a run's long-format ``metrics.csv``."""
-    with open(path, newline="") as fh:
-        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(fh) if r["metric"] == metric]
-
-
 def row_of(
     dataset: str, label: str, val_every: int, args: argparse.Namespace, cpu: float | None
 ) -> dict[str, Any]:
@@ -205,15 +200,19 @@ def row_of(
     if timing.is_file():
         row["cpu_seconds"] = json.loads(timing.read_text())["cpu_seconds"]
     if is_auto(label):
-        logged = read_csv(run_dir / "metrics.csv", "beta")  # every step; keep the changes and the end
+        from freeflows.plots.density import read_curves
+
+        curves = read_curves(run_dir / "metrics.csv")
+
+        def pairs(metric: str) -> list[tuple[int, float]]:
+            return list(zip(*curves.get(metric, ([], [])), strict=True))
+
+        logged = pairs("beta")  # every step; keep the changes and the end
         betas = [b for i, b in enumerate(logged) if i in (0, len(logged) - 1) or b[1] != logged[i - 1][1]]
-        defect = read_csv(run_dir / "metrics.csv", "val/inverse_defect")
         row["final_beta"] = betas[-1][1] if betas else float("nan")
         row["beta_trajectory"] = betas
-        row["inverse_defect_trajectory"] = defect
-        row["inverse_defect_per_dim_trajectory"] = read_csv(
-            run_dir / "metrics.csv", "val/inverse_defect_per_dim"
-        )
+        row["inverse_defect_trajectory"] = pairs("val/inverse_defect")
+        row["inverse_defect_per_dim_trajectory"] = pairs("val/inverse_defect_per_dim")
     return row
 
 

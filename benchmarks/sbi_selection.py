@@ -39,7 +39,6 @@ unless ``--out`` and ``--runs`` say otherwise.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -200,7 +199,8 @@ def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool)
         return
     reuse = not train or (args.reuse and (run_dir / "metrics.json").is_file())
     if not reuse and run_dir.is_dir():  # a new training: drop the outputs of the old one
-        for stale in ("metrics.csv", "metrics.json", VAL_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
+        # (a fresh training starts metrics.csv anew itself)
+        for stale in ("metrics.json", VAL_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
             (run_dir / stale).unlink(missing_ok=True)
     doing = "scoring the trained model" if reuse else "training"
     print(f"{task} β {beta:g} K {k}: {doing} -> {run_dir}", flush=True)
@@ -226,9 +226,10 @@ def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool)
 
 def best_logged_step(run_dir: Path) -> int | None:
     """The step of the lowest finite ``val/nll`` in the run's long-format ``metrics.csv``."""
-    with open(run_dir / "metrics.csv", newline="") as fh:
-        rows = [(float(r["value"]), int(r["step"])) for r in csv.DictReader(fh) if r["metric"] == "val/nll"]
-    finite = [r for r in rows if math.isfinite(r[0])]
+    from freeflows.plots.density import read_curves
+
+    steps, values = read_curves(run_dir / "metrics.csv").get("val/nll", ([], []))
+    finite = [(v, t) for t, v in zip(steps, values, strict=True) if math.isfinite(v)]
     return min(finite)[1] if finite else None
 
 

@@ -196,10 +196,10 @@ def test_a_tiny_run_logs_the_validation_inverse_defect(tmp_path):
     assert all(abs(a - b / 2) <= 1e-6 * (1 + b) for a, b in zip(per_dim, values, strict=True))
 
 
-def test_latent_dimension_is_the_subspace_dimension_of_a_mean_free_latent():
+def test_density_dimension_is_the_subspace_dimension_of_a_mean_free_latent():
     import freeflows as ff
-    from freeflows.runner.module import latent_dimension
+    from freeflows.eval.metrics import density_dimension
 
-    assert latent_dimension(ff.FreeFormFlow.resnet(3, hidden=8), torch.zeros(5, 3)) == 3
+    assert density_dimension(ff.FreeFormFlow.resnet(3, hidden=8), (3,)) == 3
     particles = ff.FreeFormFlow.egnn(4, 2, hidden=8, layers=1)
-    assert latent_dimension(particles, torch.zeros(5, 4, 2)) == 6  # (4 - 1) * 2
+    assert density_dimension(particles, (4, 2)) == 6  # (4 - 1) * 2

@@ -200,13 +200,18 @@ def sampling_seconds_per_sample(
     return sorted(times)[len(times) // 2] / n
 
 
-def nll_dimensions(model: nn.Module, data: DataSet) -> int:
+def density_dimension(model: nn.Module, event_shape: tuple[int, ...] | torch.Size) -> int:
     """Degrees of freedom of the space in which ``log_prob`` is a density: the latent's ``dim``
     (e.g. :math:`(N-1)d` for a mean-free latent), else the number of elements of an event."""
     dim = getattr(getattr(model, "latent", None), "dim", None)
     if isinstance(dim, int):
         return dim
-    return int(torch.Size(data.event_shape).numel())
+    return int(torch.Size(event_shape).numel())
+
+
+def nll_dimensions(model: nn.Module, data: DataSet) -> int:
+    """:func:`density_dimension` of ``data``'s events."""
+    return density_dimension(model, data.event_shape)
 
 
 def particle_metrics(

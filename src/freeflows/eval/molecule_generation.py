@@ -163,14 +163,16 @@ def molecule_nll_metrics(log_q: Tensor, data: DataSet, c: Tensor) -> dict[str, A
     log_n = count_log_prob(data, c)
     log_q = log_q.detach().double().cpu()
     rows = torch.isfinite(log_q) & torch.isfinite(log_n)
-    joint = float(-(log_q + log_n)[rows].mean()) if bool(rows.any()) else float("nan")
-    boxes = data.meta["encoding"].log_volume(n)
+    joint = bound = float("nan")
+    if bool(rows.any()):
+        joint = float(-(log_q + log_n)[rows].mean())
+        bound = joint - float(data.meta["encoding"].log_volume(n)[rows].mean())
     return {
         "nll_density": "-log q(x, h | n) per molecule on its (n-1)*3+n*k-dim subspace (decoder density "
         "for the free-form flow), dequantised features",
         "nll_dims": float(dims.mean()),
         "test_nll_joint": joint,
-        "test_nll_types_bound": joint - float(boxes[rows].mean()) if bool(rows.any()) else float("nan"),
+        "test_nll_types_bound": bound,
         "test_nll_joint_rows": int(rows.sum()),
         "test_nll_unseen_counts": int((~torch.isfinite(log_n)).sum()),
     }

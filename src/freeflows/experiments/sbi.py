@@ -118,6 +118,7 @@ def trained_run_differences(run_dir: Path, cfg: dict[str, Any]) -> list[str] | N
     """``None`` if ``run_dir`` holds no finished training; else the config keys (other than
     :data:`SAMPLING_ONLY_KEYS`, and the ``beta_auto`` section when neither config adapts β) in
     which its saved config differs from ``cfg``."""
+    from ..runner.beta import adapts_beta
     from ..runner.train import read_run_config
 
     if not ((run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()):
@@ -125,14 +126,9 @@ def trained_run_differences(run_dir: Path, cfg: dict[str, Any]) -> list[str] | N
     saved = read_run_config(run_dir)
     a, b = _flat(saved), _flat(cfg)
     ignored = set(SAMPLING_ONLY_KEYS)
-    if not any(_uses_beta_auto(c) for c in (saved, cfg)):  # the section has no effect then
+    if not any(adapts_beta(c) for c in (saved, cfg)):  # the section has no effect then
         ignored |= {k for k in set(a) | set(b) if k.startswith("beta_auto.")}
     return sorted(k for k in set(a) | set(b) if k not in ignored and a.get(k) != b.get(k))
-
-
-def _uses_beta_auto(cfg: dict[str, Any]) -> bool:
-    kind = cfg.get("model", {}).get("kind")
-    return (cfg.get("model", {}).get(kind) or {}).get("beta") == "auto"
 
 
 def train_fff(

@@ -158,7 +158,8 @@ class AdaptiveBeta(Callback):
 AUTO = "auto"
 
 
-def _auto(cfg: dict[str, Any]) -> bool:
+def adapts_beta(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` asks for ``model.<kind>.beta: auto``."""
     kind = cfg["model"]["kind"]
     return (cfg["model"].get(kind) or {}).get("beta") == AUTO
 
@@ -173,7 +174,7 @@ def model_section(cfg: dict[str, Any]) -> dict[str, Any]:
     Returns:
         The ``model`` section (a copy when changed).
     """
-    if not _auto(cfg):
+    if not adapts_beta(cfg):
         return cfg["model"]
     kind = cfg["model"]["kind"]
     return {**cfg["model"], kind: {**cfg["model"][kind], "beta": float(cfg["beta_auto"]["start"])}}
@@ -191,7 +192,7 @@ def callback_from_config(cfg: dict[str, Any]) -> AdaptiveBeta | None:
     Raises:
         ValueError: for a bad ``beta_auto`` value, in one line.
     """
-    if not _auto(cfg):
+    if not adapts_beta(cfg):
         return None
     o = cfg["beta_auto"]
     return AdaptiveBeta(

@@ -6,7 +6,8 @@ It knows nothing of the model's kind. Optional hooks a model may offer:
   report ``reconstruction`` and ``log_prob_gap``);
 * ``inverse_defect(x, c, probes=..., generator=...) -> Tensor`` per row, logged as
   ``val/inverse_defect`` (batch mean; free-form flows: ``||J_g J_f - I||_F^2``) and
-  ``val/inverse_defect_per_dim`` (divided by the latent's dimension, :func:`latent_dimension`);
+  ``val/inverse_defect_per_dim`` (divided by the latent's dimension,
+  :func:`freeflows.eval.metrics.density_dimension`);
 * ``divergence_hint`` (str): what to change when training diverges.
 
 Every training step reseeds torch's global generator from (seed, step, rank): the randomness
@@ -32,15 +33,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..contract import NumericalError
+from ..eval.metrics import density_dimension
 from .callbacks import DivergenceError
 from .data import unpack
-
-
-def latent_dimension(model: nn.Module, x: torch.Tensor) -> int:
-    """Dimension of the space the model's density lives in: its latent's ``dim`` when the latent
-    has one (e.g. :math:`(N-1)d` for a mean-free latent), else the elements of one row of ``x``."""
-    dim = getattr(getattr(model, "latent", None), "dim", None)
-    return dim if isinstance(dim, int) and dim > 0 else int(x[0].numel())
 
 
 def make_scheduler(
@@ -187,7 +182,8 @@ class FlowModule(L.LightningModule):
                     probes = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
                     defect = self.model.inverse_defect(x, c, probes=4, generator=probes)
                     extra["inverse_defect"] = defect.mean()
-                    extra["inverse_defect_per_dim"] = defect.mean() / latent_dimension(self.model, x)
+                    dims = density_dimension(self.model, x.shape[1:])
+                    extra["inverse_defect_per_dim"] = extra["inverse_defect"] / dims
         except NumericalError as err:  # an infinite val/nll never becomes the best checkpoint
             rank_zero_warn(f"validation at step {self.global_step}: {err}")
             log_prob, extra = torch.full((x.shape[0],), -math.inf, device=x.device), {}
