@@ -64,6 +64,8 @@ CLASSIFIER = "batched"
 #: the identity of a row: a new row replaces an old one with the same values of these
 KEY = ("task", "budget", "seed", "beta", "sample_refine_steps")
 VAL_FILE = "selection_val.json"
+#: the training time of a run trained without a C2ST (``--c2st selected``)
+TRAIN_FILE = "selection_train.json"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="directory of the JSONL and Markdown")
     p.add_argument("--runs", type=Path, default=None, help="directory of the run directories")
     p.add_argument("--reuse", action="store_true", help="skip the steps whose outputs already exist")
+    p.add_argument(
+        "--c2st",
+        choices=("every", "selected"),
+        default="every",
+        help="score C2ST for every setting (default), or only for each task's selected setting "
+        "when the results file has no C2ST of it (a β sweep at a fraction of the cost)",
+    )
     args = p.parse_args(argv)
 
     available = tasks_with_presets()
@@ -224,6 +233,26 @@ def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool)
     print(f"{task} β {beta:g} K {k}: mean C2ST {result['mean_c2st']:.4f} ({seconds:.0f} s)", flush=True)
 
 
+def train_only(task: str, beta: float, k: int, args: argparse.Namespace) -> None:
+    """Train the run of (task, β) with K refinement steps and no C2ST (``--c2st selected``); its
+    training time goes to ``selection_train.json``. With ``--reuse`` a finished run is kept."""
+    from freeflows.experiments.sbi import train_fff
+
+    run_dir, s = run_dir_of(task, beta, args), args.sizes
+    reuse = args.reuse and (run_dir / "metrics.json").is_file()
+    if reuse:
+        print(f"{task} β {beta:g} K {k}: reused the trained model in {run_dir}", flush=True)
+    else:
+        if run_dir.is_dir():  # a new training: drop the outputs of the old one
+            for stale in ("metrics.json", VAL_FILE, TRAIN_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
+                (run_dir / stale).unlink(missing_ok=True)
+        print(f"{task} β {beta:g} K {k}: training (no C2ST) -> {run_dir}", flush=True)
+    _, info = train_fff(task, s.budget, args.seed, run_dir, sbi_overrides(beta, k, s), reuse=reuse)
+    if not reuse:
+        (run_dir / TRAIN_FILE).write_text(json.dumps({"train_seconds": info["train_seconds"]}))
+        print(f"{task} β {beta:g} K {k}: trained in {info['train_seconds']:.0f} s", flush=True)
+
+
 def best_logged_step(run_dir: Path) -> int | None:
     """The step of the lowest finite ``val/nll`` in the run's long-format ``metrics.csv``."""
     from freeflows.plots.density import read_curves
@@ -294,10 +323,15 @@ def _num(value: float | None, digits: int = 4) -> float | None:
 def rows_of(task: str, beta: float, k: int, stats: dict[str, Any], args: argparse.Namespace) -> list[dict]:
     """The two rows of one trained model: refined draws (K) and one decoder pass (0)."""
     run_dir = run_dir_of(task, beta, args)
-    train_seconds = json.loads((run_dir / f"sbi_c2st_k{k}.json").read_text())["train_seconds"]
+    # a run trained without a C2ST records its time apart; its later C2ST only reloads it
+    timing = run_dir / TRAIN_FILE
+    timing = timing if timing.is_file() else run_dir / f"sbi_c2st_k{k}.json"
+    train_seconds = json.loads(timing.read_text())["train_seconds"]
     rows = []
     for refine, density in ((k, "encoder"), (0, "decoder")):
-        c2st = json.loads((run_dir / f"sbi_c2st_k{refine}.json").read_text())
+        path = run_dir / f"sbi_c2st_k{refine}.json"
+        # a setting trained without a C2ST (--c2st selected) has none
+        c2st = json.loads(path.read_text()) if path.is_file() else None
         v = stats[density]
         rows.append(
             {
@@ -318,10 +352,10 @@ def rows_of(task: str, beta: float, k: int, stats: dict[str, Any], args: argpars
                 "val_mass_unsolved": v["mass_unsolved"],
                 "val_mass_evaluations": v["mass_evaluations"],
                 "val_mass_conditions": stats["mass_settings"]["conditions"],
-                "mean_c2st": c2st["mean_c2st"],
-                "c2st_per_observation": [o["c2st"] for o in c2st["observations"]],
-                "c2st_classifier": c2st["c2st_classifier"],
-                "num_samples": c2st["num_samples"],
+                "mean_c2st": None if c2st is None else c2st["mean_c2st"],
+                "c2st_per_observation": None if c2st is None else [o["c2st"] for o in c2st["observations"]],
+                "c2st_classifier": None if c2st is None else c2st["c2st_classifier"],
+                "num_samples": None if c2st is None else c2st["num_samples"],
                 "train_seconds": _num(train_seconds, 1),
             }
         )
@@ -440,7 +474,7 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
         for r in models.values()
         if r["steps"] is not None and r["best_val_step"] is not None
     )
-    counts = {(len(r["c2st_per_observation"] or []), r["num_samples"]) for r in rows}
+    counts = {(len(r["c2st_per_observation"]), r["num_samples"]) for r in rows if r["mean_c2st"] is not None}
     c2st_note = ""
     if len(counts) == 1:
         (n_obs, n_draws) = counts.pop()
@@ -498,6 +532,27 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines)
 
 
+def score_selected(task: str, k: int, args: argparse.Namespace, command: str) -> str | None:
+    """``--c2st selected``: score the C2ST of the task's selected setting if the results file has
+    none and its model is in ``--runs``; return the rewritten Markdown, or ``None``."""
+    s = args.sizes
+    rows = [
+        r
+        for r in read_rows(args.out / f"{NAME}.jsonl")
+        if (r["task"], r["budget"], r["seed"]) == (task, s.budget, args.seed)
+    ]
+    chosen = select(rows)
+    if chosen is None or chosen["mean_c2st"] is not None:
+        return None
+    beta, refine = chosen["beta"], chosen["sample_refine_steps"]
+    if not (run_dir_of(task, beta, args) / VAL_FILE).is_file():
+        print(f"{task}: the selected β {beta:g} has no run in {args.runs}; no C2ST scored", flush=True)
+        return None
+    score(task, beta, refine, args, train=False)
+    stats = json.loads((run_dir_of(task, beta, args) / VAL_FILE).read_text())
+    return write_results(args.out, rows_of(task, beta, k, stats, args), command)
+
+
 def write_results(out: Path, new: list[dict[str, Any]], command: str) -> str:
     """Merge ``new`` into ``<out>/sbi_selection.jsonl`` and render the Markdown of the whole file."""
     path = out / f"{NAME}.jsonl"
@@ -525,10 +580,15 @@ def main(argv: list[str] | None = None) -> int:
             for beta in args.betas or [preset_settings(task)[0]]:
                 if args.reuse:
                     check_reusable(task, beta, k, args)
-                score(task, beta, k, args, train=True)
-                score(task, beta, 0, args, train=False)
+                if args.c2st == "every":
+                    score(task, beta, k, args, train=True)
+                    score(task, beta, 0, args, train=False)
+                else:
+                    train_only(task, beta, k, args)
                 stats = validation_stats(task, beta, args)
                 text = write_results(args.out, rows_of(task, beta, k, stats, args), command)
+            if args.c2st == "selected":
+                text = score_selected(task, k, args, command) or text
     except ValueError as err:  # e.g. --reuse of a run trained with another config
         print(f"error: {err}", file=sys.stderr)
         return 2

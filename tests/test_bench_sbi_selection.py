@@ -99,3 +99,15 @@ def test_quick_run_on_two_moons(tmp_path):
         assert math.isfinite(r["val_nll"]) and math.isfinite(r["val_mass"])
         assert r["mean_c2st"] is not None and len(r["c2st_per_observation"]) == 1
     assert "two_moons" in (tmp_path / "sbi_selection.md").read_text()
+
+
+@pytest.mark.slow
+def test_c2st_selected_scores_only_the_selected_setting(tmp_path):
+    argv = ["--quick", "--tasks", "two_moons", "--betas", "100", "300", "--c2st", "selected"]
+    code = sel.main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "sbi_selection.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    scored = [r for r in rows if r["mean_c2st"] is not None]
+    assert scored == [sel.select(rows)]
+    assert all(r["train_seconds"] is not None for r in rows)
