@@ -29,6 +29,12 @@ the preset's current setting and the difference of their C2STs. Both files are r
 every (task, β). Protocol: ``docs/sbi-selection.md``.
 
     python benchmarks/sbi_selection.py --tasks slcp --betas 10 30 100
+    python benchmarks/sbi_selection.py --tasks slcp --c2st selected --set trainer.max_steps=20000
+
+``--c2st selected`` scores C2ST only for each task's selected setting (and only if the results
+file has none for it), so that a sweep costs its trainings and validation statistics.
+``--set KEY=VALUE`` adds a config override, such as a step cap, to every run of the call; such a
+run has its own directory and rows, and competes in the selection like another β.
 
 ``--reuse`` skips every step whose output is already in the run directory (a trained model is
 sampled again instead of trained again). ``--quick`` is a smoke test (budget 1,000, 60 steps,
@@ -61,7 +67,7 @@ MASS_TOLERANCE = 0.05
 MAX_UNSOLVED_FRACTION = 0.05
 #: the C2ST classifier (sbibm's algorithm, all observations at once)
 CLASSIFIER = "batched"
-#: the identity of a row: a new row replaces an old one with the same values of these
+#: the identity of a row: a new row replaces an old one with the same values of these (and ``--set``)
 KEY = ("task", "budget", "seed", "beta", "sample_refine_steps")
 VAL_FILE = "selection_val.json"
 #: the training time of a run trained without a C2ST (``--c2st selected``)
@@ -119,6 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score C2ST for every setting (default), or only for each task's selected setting "
         "when the results file has no C2ST of it (a β sweep at a fraction of the cost)",
     )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another config override for every run, e.g. trainer.max_steps=20000 (a setting of its "
+        "own: its own run directory and rows); β and the refinement steps have their own options",
+    )
     args = p.parse_args(argv)
 
     available = tasks_with_presets()
@@ -138,12 +153,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         mass_evaluations=base.mass_evaluations,
         overrides=base.overrides,
     )
-    from freeflows.experiments.sbi import check_arguments
+    from freeflows.experiments.config import load_config
+    from freeflows.experiments.sbi import check_arguments, preset_name
 
     s = args.sizes
+    args.settings = tuple(args.settings)
+    for setting in args.settings:
+        key = setting.partition("=")[0].strip()
+        if key in ("model.fff.beta", "model.fff.sample_refine_steps", "seed") or key.startswith("data."):
+            p.error(f"--set {setting}: use --betas, --budget or --seed; refinement is scored both ways")
     try:
         check_arguments(args.tasks[0], s.budget, "fff", list(s.observations), s.num_samples, "none")
-    except ValueError as err:
+        for task in args.tasks:
+            load_config(preset_name(task), list(args.settings))
+    except (ValueError, KeyError) as err:
         p.error(str(err))
     default_runs = Path("runs") / (f"{NAME}-quick" if args.quick else NAME)
     args.runs = args.runs or default_runs
@@ -153,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_dir_of(task: str, beta: float, args: argparse.Namespace) -> Path:
-    return args.runs / f"{task}-b{beta:g}-n{args.sizes.budget}-s{args.seed}"
+    tag = "".join(f"-{''.join(c for c in o.rpartition('.')[2] if c.isalnum())}" for o in args.settings)
+    return args.runs / f"{task}-b{beta:g}-n{args.sizes.budget}-s{args.seed}{tag}"
 
 
 def train_refine_steps(task: str) -> int:
@@ -161,13 +185,14 @@ def train_refine_steps(task: str) -> int:
     return preset_settings(task)[1] or TRAIN_REFINE_STEPS
 
 
-def sbi_overrides(beta: float, k: int, sizes: Sizes) -> list[str]:
+def sbi_overrides(beta: float, k: int, sizes: Sizes, settings: tuple[str, ...] = ()) -> list[str]:
     return [
         f"model.fff.beta={beta}",
         f"model.fff.sample_refine_steps={k}",
         "trainer.plot=false",
         "trainer.progress_bar=false",
         *sizes.overrides,
+        *settings,
     ]
 
 
@@ -187,7 +212,7 @@ def check_reusable(task: str, beta: float, k: int, args: argparse.Namespace) -> 
     from freeflows.experiments.sbi import preset_name, trained_run_differences
 
     run_dir, s = run_dir_of(task, beta, args), args.sizes
-    over = [f"data.n_train={s.budget}", f"seed={args.seed}", *sbi_overrides(beta, k, s)]
+    over = [f"data.n_train={s.budget}", f"seed={args.seed}", *sbi_overrides(beta, k, s, args.settings)]
     differences = trained_run_differences(run_dir, load_config(preset_name(task), over))
     if differences:
         raise ValueError(
@@ -220,7 +245,7 @@ def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool)
         method="fff",
         seed=args.seed,
         out=run_dir,
-        overrides=sbi_overrides(beta, k, s),
+        overrides=sbi_overrides(beta, k, s, args.settings),
         c2st_classifier=CLASSIFIER,
         plots="none",
         num_samples=s.num_samples,
@@ -247,7 +272,9 @@ def train_only(task: str, beta: float, k: int, args: argparse.Namespace) -> None
             for stale in ("metrics.json", VAL_FILE, TRAIN_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
                 (run_dir / stale).unlink(missing_ok=True)
         print(f"{task} β {beta:g} K {k}: training (no C2ST) -> {run_dir}", flush=True)
-    _, info = train_fff(task, s.budget, args.seed, run_dir, sbi_overrides(beta, k, s), reuse=reuse)
+    _, info = train_fff(
+        task, s.budget, args.seed, run_dir, sbi_overrides(beta, k, s, args.settings), reuse=reuse
+    )
     if not reuse:
         (run_dir / TRAIN_FILE).write_text(json.dumps({"train_seconds": info["train_seconds"]}))
         print(f"{task} β {beta:g} K {k}: trained in {info['train_seconds']:.0f} s", flush=True)
@@ -339,6 +366,7 @@ def rows_of(task: str, beta: float, k: int, stats: dict[str, Any], args: argpars
                 "budget": args.sizes.budget,
                 "seed": args.seed,
                 "beta": float(beta),
+                "overrides": list(args.settings),
                 "sample_refine_steps": refine,
                 "density_of_draws": density,
                 "steps": stats["steps"],
@@ -369,11 +397,16 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     )
 
 
+def _key(row: dict[str, Any]) -> tuple:
+    """A row's identity: :data:`KEY` and its ``--set`` overrides (none in rows that predate them)."""
+    return (*(row[k] for k in KEY), tuple(row.get("overrides", ())))
+
+
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``old`` with each row that has the :data:`KEY` of a new row replaced by it (in place); the
     other new rows are appended."""
-    fresh = {tuple(r[k] for k in KEY): r for r in new}
-    merged = [fresh.pop(tuple(r[k] for k in KEY), r) for r in old]
+    fresh = {_key(r): r for r in new}
+    merged = [fresh.pop(_key(r), r) for r in old]
     return merged + list(fresh.values())
 
 
@@ -402,7 +435,11 @@ def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], list[dict[s
     out: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault((r["task"], r["budget"], r["seed"]), []).append(r)
-    return {g: sorted(rs, key=lambda r: (-r["beta"], -r["sample_refine_steps"])) for g, rs in out.items()}
+
+    def order(r: dict[str, Any]) -> tuple:
+        return (-r["beta"], r.get("overrides") or [], -r["sample_refine_steps"])
+
+    return {g: sorted(rs, key=order) for g, rs in out.items()}
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -418,8 +455,13 @@ def _draws(k: int) -> str:
     return "one decoder pass (0)" if k == 0 else f"refined ({k})"
 
 
-def _setting(beta: float, k: int) -> str:
-    return f"β {beta:g}, {_draws(k)}"
+def _setting(beta: float, k: int, overrides: Any = ()) -> str:
+    return f"β {beta:g}, {_draws(k)}" + "".join(f", `{o}`" for o in overrides or ())
+
+
+def _extra(row: dict[str, Any]) -> str:
+    """A row's ``--set`` overrides, after its β."""
+    return "".join(f", `{o}`" for o in row.get("overrides") or ())
 
 
 def _c2st(row: dict[str, Any] | None) -> str:
@@ -430,7 +472,12 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
     preset_beta, preset_k = preset_settings(task)
     chosen = select(rows)
     preset_row = next(
-        (r for r in rows if (r["beta"], r["sample_refine_steps"]) == (preset_beta, preset_k)), None
+        (
+            r
+            for r in rows
+            if (r["beta"], r["sample_refine_steps"]) == (preset_beta, preset_k) and not r.get("overrides")
+        ),
+        None,
     )
     conditions = sorted({r["val_mass_conditions"] for r in rows})
     mass_head = f"mass ({_count(conditions[0], 'val condition')})" if len(conditions) == 1 else "mass"
@@ -460,16 +507,16 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
         if len(conditions) > 1:
             mass += f" ({_count(r['val_mass_conditions'], 'condition')})"
         lines.append(
-            f"| {r['beta']:g} | {', '.join(notes)} | {r['density_of_draws']} | {nll} | "
+            f"| {r['beta']:g}{_extra(r)} | {', '.join(notes)} | {r['density_of_draws']} | {nll} | "
             f"{r['val_unsolved_rows']} / {r['n_val']} | {mass} | {_c2st(r)} |"
         )
     models = {}
     for r in rows:
         if r["sample_refine_steps"] > 0:
-            models[r["beta"]] = r
+            models[r["beta"], tuple(r.get("overrides", ()))] = r
     trained = "; ".join(
-        f"β {r['beta']:g}: {r['steps']:,} steps with K = {r['sample_refine_steps']}, best validation NLL "
-        f"at step {r['best_val_step']:,}"
+        f"β {r['beta']:g}{_extra(r)}: {r['steps']:,} steps with K = {r['sample_refine_steps']}, "
+        f"best validation NLL at step {r['best_val_step']:,}"
         + ("" if r["train_seconds"] is None else f", {r['train_seconds']:.0f} s")
         for r in models.values()
         if r["steps"] is not None and r["best_val_step"] is not None
@@ -482,7 +529,13 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
     lines += ["", f"Trained models: {trained}.{c2st_note}" if trained else c2st_note.strip(), ""]
     # the setting the presets had when β and refinement were tuned on the scored C2ST
     tuned_row = next(
-        (r for r in rows if (r["beta"], r["sample_refine_steps"]) == (preset_beta, TRAIN_REFINE_STEPS)), None
+        (
+            r
+            for r in rows
+            if (r["beta"], r["sample_refine_steps"]) == (preset_beta, TRAIN_REFINE_STEPS)
+            and not r.get("overrides")
+        ),
+        None,
     )
     tuned_text = f"{_setting(preset_beta, TRAIN_REFINE_STEPS)}, C2ST {_c2st(tuned_row)}"
     preset_text = f"{_setting(preset_beta, preset_k)} (`sbi-{task}`)"
@@ -501,8 +554,8 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
             gap = chosen["mean_c2st"] - tuned_row["mean_c2st"]
             change = f"{gap:+.3f} (selected − C2ST-tuned; lower is better)"
         lines.append(
-            f"Selected: {_setting(chosen['beta'], chosen['sample_refine_steps'])}, val NLL "
-            f"{_signed(chosen['val_nll'])}, C2ST {_c2st(chosen)}; C2ST-tuned setting: {tuned_text}; "
+            f"Selected: {_setting(chosen['beta'], chosen['sample_refine_steps'], chosen.get('overrides'))}, "
+            f"val NLL {_signed(chosen['val_nll'])}, C2ST {_c2st(chosen)}; C2ST-tuned setting: {tuned_text}; "
             f"C2ST change {change}; preset now: {preset_text}."
         )
     return [*lines, ""]
@@ -545,7 +598,10 @@ def score_selected(task: str, k: int, args: argparse.Namespace, command: str) ->
     if chosen is None or chosen["mean_c2st"] is not None:
         return None
     beta, refine = chosen["beta"], chosen["sample_refine_steps"]
-    if not (run_dir_of(task, beta, args) / VAL_FILE).is_file():
+    if (
+        tuple(chosen.get("overrides", ())) != args.settings
+        or not (run_dir_of(task, beta, args) / VAL_FILE).is_file()
+    ):
         print(f"{task}: the selected β {beta:g} has no run in {args.runs}; no C2ST scored", flush=True)
         return None
     score(task, beta, refine, args, train=False)

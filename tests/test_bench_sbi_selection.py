@@ -111,3 +111,21 @@ def test_c2st_selected_scores_only_the_selected_setting(tmp_path):
     scored = [r for r in rows if r["mean_c2st"] is not None]
     assert scored == [sel.select(rows)]
     assert all(r["train_seconds"] is not None for r in rows)
+
+
+def test_a_row_with_overrides_is_a_setting_of_its_own():
+    plain = _row(30, 0, 3.0, 1.0)
+    capped = {**_row(30, 0, 2.9, 1.0), "overrides": ["trainer.max_steps=20000"]}
+    merged = sel.merge_rows([plain], [capped])
+    assert merged == [plain, capped]  # a row without the field has no overrides
+    again = {**capped, "val_nll": 2.8}
+    assert sel.merge_rows(merged, [again]) == [plain, again]
+    assert sel.select(merged) is capped
+
+
+@pytest.mark.parametrize("setting", ["model.fff.beta=3", "data.n_train=5", "trainer.no_such_key=1"])
+def test_set_rejects_what_has_its_own_option_or_no_key(setting, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sel.parse_args(["--tasks", "two_moons", "--set", setting])
+    assert exc.value.code == 2
+    assert setting.split("=")[0] in capsys.readouterr().err
