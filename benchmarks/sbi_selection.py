@@ -70,6 +70,9 @@ CLASSIFIER = "batched"
 #: the identity of a row: a new row replaces an old one with the same values of these (and ``--set``)
 KEY = ("task", "budget", "seed", "beta", "sample_refine_steps")
 VAL_FILE = "selection_val.json"
+#: the β that C2ST on sbibm's observations had chosen (``benchmarks/results/sbi_fff_sweep.md``),
+#: where validation later chose another; the other tasks' β was never tuned on C2ST
+C2ST_TUNED_BETA = {"two_moons": 300.0, "gaussian_mixture": 300.0, "slcp": 30.0, "slcp_distractors": 30.0}
 #: the training time of a run trained without a C2ST (``--c2st selected``)
 TRAIN_FILE = "selection_train.json"
 
@@ -97,6 +100,22 @@ def preset_settings(task: str) -> tuple[float, int]:
 
     fff = load_config(preset_name(task))["model"]["fff"]
     return float(fff["beta"]), int(fff["sample_refine_steps"])
+
+
+def is_preset(row: dict[str, Any]) -> bool:
+    """Whether ``row`` is the preset ``sbi-<task>`` as it is now: its β and refinement, no override
+    that changes the preset, and no more steps than the preset's cap."""
+    from freeflows.experiments.config import load_config
+    from freeflows.experiments.sbi import preset_name
+
+    cfg = load_config(preset_name(row["task"]))
+    fff = cfg["model"]["fff"]
+    if (row["beta"], row["sample_refine_steps"]) != (float(fff["beta"]), int(fff["sample_refine_steps"])):
+        return False
+    overrides = list(row.get("overrides") or ())
+    if overrides and load_config(preset_name(row["task"]), overrides) != cfg:
+        return False
+    return row.get("steps") is None or row["steps"] <= cfg["trainer"]["max_steps"]
 
 
 def tasks_with_presets() -> list[str]:
@@ -471,14 +490,7 @@ def _c2st(row: dict[str, Any] | None) -> str:
 def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) -> list[str]:
     preset_beta, preset_k = preset_settings(task)
     chosen = select(rows)
-    preset_row = next(
-        (
-            r
-            for r in rows
-            if (r["beta"], r["sample_refine_steps"]) == (preset_beta, preset_k) and not r.get("overrides")
-        ),
-        None,
-    )
+    preset_row = next((r for r in rows if is_preset(r)), None)
     conditions = sorted({r["val_mass_conditions"] for r in rows})
     mass_head = f"mass ({_count(conditions[0], 'val condition')})" if len(conditions) == 1 else "mass"
     lines = [
@@ -528,17 +540,19 @@ def task_section(task: str, budget: int, seed: int, rows: list[dict[str, Any]]) 
         c2st_note = f" C2ST: mean over {_count(n_obs, 'observation')}, {n_draws:,} draws each."
     lines += ["", f"Trained models: {trained}.{c2st_note}" if trained else c2st_note.strip(), ""]
     # the setting the presets had when β and refinement were tuned on the scored C2ST
+    tuned_beta = C2ST_TUNED_BETA.get(task, preset_beta)
     tuned_row = next(
         (
             r
             for r in rows
-            if (r["beta"], r["sample_refine_steps"]) == (preset_beta, TRAIN_REFINE_STEPS)
+            if (r["beta"], r["sample_refine_steps"]) == (tuned_beta, TRAIN_REFINE_STEPS)
             and not r.get("overrides")
         ),
         None,
     )
-    tuned_text = f"{_setting(preset_beta, TRAIN_REFINE_STEPS)}, C2ST {_c2st(tuned_row)}"
-    preset_text = f"{_setting(preset_beta, preset_k)} (`sbi-{task}`)"
+    tuned_text = f"{_setting(tuned_beta, TRAIN_REFINE_STEPS)}, C2ST {_c2st(tuned_row)}"
+    preset_overrides = preset_row.get("overrides") if preset_row else None
+    preset_text = f"{_setting(preset_beta, preset_k, preset_overrides)} (`sbi-{task}`)"
     if chosen is None:
         lines.append(
             f"Selected: none (no normalised setting: no row is trusted); preset now: {preset_text}; "
