@@ -129,3 +129,12 @@ def test_set_rejects_what_has_its_own_option_or_no_key(setting, capsys):
         sel.parse_args(["--tasks", "two_moons", "--set", setting])
     assert exc.value.code == 2
     assert setting.split("=")[0] in capsys.readouterr().err
+
+
+def test_the_preset_row_is_the_preset_config_with_its_cap():
+    # sbi-slcp_distractors: β 100, 20 refinement steps, capped at 20,000 steps
+    base = {**_row(100, 20, 3.8, 1.1, task="slcp_distractors"), "steps": 20000}
+    assert sel.is_preset({**base, "overrides": ["trainer.max_steps=20000"]})
+    assert not sel.is_preset({**base, "steps": 60000})  # trained with the earlier 60,000-step cap
+    assert not sel.is_preset({**base, "overrides": ["trainer.max_steps=30000"]})
+    assert not sel.is_preset({**base, "beta": 30.0})
