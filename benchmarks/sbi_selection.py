@@ -240,6 +240,14 @@ def check_reusable(task: str, beta: float, k: int, args: argparse.Namespace) -> 
         )
 
 
+def drop_outputs(run_dir: Path) -> None:
+    """Before a new training in ``run_dir``: delete what the old one left (a fresh training starts
+    metrics.csv anew itself)."""
+    if run_dir.is_dir():
+        for stale in ("metrics.json", VAL_FILE, TRAIN_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
+            (run_dir / stale).unlink(missing_ok=True)
+
+
 def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool) -> None:
     """Train (``train``) or load the run of (task, β) and score its draws with K refinement steps;
     the C2ST goes to ``sbi_c2st_k<K>.json``."""
@@ -251,10 +259,8 @@ def score(task: str, beta: float, k: int, args: argparse.Namespace, train: bool)
         print(f"{task} β {beta:g} K {k}: reused {target}", flush=True)
         return
     reuse = not train or (args.reuse and (run_dir / "metrics.json").is_file())
-    if not reuse and run_dir.is_dir():  # a new training: drop the outputs of the old one
-        # (a fresh training starts metrics.csv anew itself)
-        for stale in ("metrics.json", VAL_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
-            (run_dir / stale).unlink(missing_ok=True)
+    if not reuse:
+        drop_outputs(run_dir)
     doing = "scoring the trained model" if reuse else "training"
     print(f"{task} β {beta:g} K {k}: {doing} -> {run_dir}", flush=True)
     start = time.perf_counter()
@@ -287,9 +293,7 @@ def train_only(task: str, beta: float, k: int, args: argparse.Namespace) -> None
     if reuse:
         print(f"{task} β {beta:g} K {k}: reused the trained model in {run_dir}", flush=True)
     else:
-        if run_dir.is_dir():  # a new training: drop the outputs of the old one
-            for stale in ("metrics.json", VAL_FILE, TRAIN_FILE, *(p.name for p in run_dir.glob("sbi_c2st*"))):
-                (run_dir / stale).unlink(missing_ok=True)
+        drop_outputs(run_dir)
         print(f"{task} β {beta:g} K {k}: training (no C2ST) -> {run_dir}", flush=True)
     _, info = train_fff(
         task, s.budget, args.seed, run_dir, sbi_overrides(beta, k, s, args.settings), reuse=reuse
@@ -474,13 +478,18 @@ def _draws(k: int) -> str:
     return "one decoder pass (0)" if k == 0 else f"refined ({k})"
 
 
+def _overrides(overrides: Any) -> str:
+    """``--set`` overrides, each after a comma."""
+    return "".join(f", `{o}`" for o in overrides or ())
+
+
 def _setting(beta: float, k: int, overrides: Any = ()) -> str:
-    return f"β {beta:g}, {_draws(k)}" + "".join(f", `{o}`" for o in overrides or ())
+    return f"β {beta:g}, {_draws(k)}{_overrides(overrides)}"
 
 
 def _extra(row: dict[str, Any]) -> str:
     """A row's ``--set`` overrides, after its β."""
-    return "".join(f", `{o}`" for o in row.get("overrides") or ())
+    return _overrides(row.get("overrides"))
 
 
 def _c2st(row: dict[str, Any] | None) -> str:
